@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random decoder-only models of the architectures ZeroQAT supports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+# Every tiny model has hidden 128 and MLP width 256, so group sizes 32/64/128 and per-channel all apply.
+_TINY = dict(vocab_size=256, hidden_size=128, num_attention_heads=4, max_position_embeddings=128)
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        **_TINY, intermediate_size=256, num_hidden_layers=2, num_key_value_heads=2
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        **_TINY, intermediate_size=256, num_hidden_layers=2, num_key_value_heads=2
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **_TINY, intermediate_size=256, num_hidden_layers=2, num_key_value_heads=2
+    ),
+    "gemma": lambda: transformers.GemmaConfig(
+        **_TINY, intermediate_size=256, num_hidden_layers=2, num_key_value_heads=2, head_dim=32
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=4, ffn_dim=256, num_hidden_layers=2,
+        word_embed_proj_dim=128, max_position_embeddings=128,
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        **_TINY, intermediate_size=256, num_hidden_layers=2
+    ),
+    "phi": lambda: transformers.PhiConfig(**_TINY, intermediate_size=256, num_hidden_layers=2),
+}
+
+
+def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[arch]()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tiny_batch(batch: int = 2, seq: int = 16, vocab: int = 256, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")

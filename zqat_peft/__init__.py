@@ -1,0 +1,12 @@
+"""zqat_peft: quantization-aware training of LLMs with zeroth-order gradients, as a peft method.
+
+`import zqat_peft` registers ZeroQAT with peft, so `peft.get_peft_model(model, ZeroQATConfig(...))`
+and `PeftModel.from_pretrained(base, path)` work.
+"""
+
+from .tuner import ZeroQATConfig, ZeroQATModel, ZQATLinear, register_zqat
+
+register_zqat()
+
+__version__ = "0.1.0"
+__all__ = ["ZeroQATConfig", "ZeroQATModel", "ZQATLinear"]

@@ -1,0 +1,33 @@
+"""Quantization primitives (fake quantization, quantize/dequantize) and GPTQ bit packing."""
+
+from .packing import pack_int, packed_shape, unpack_int
+from .primitives import (
+    ACT_BITS,
+    WEIGHT_BITS,
+    check_act_bits,
+    check_weight_bits,
+    dequantize_weight,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_weight,
+    resolve_group_size,
+    round_ste,
+    weight_qparams,
+)
+
+__all__ = [
+    "ACT_BITS",
+    "WEIGHT_BITS",
+    "check_act_bits",
+    "check_weight_bits",
+    "dequantize_weight",
+    "fake_quantize_activation",
+    "fake_quantize_weight",
+    "pack_int",
+    "packed_shape",
+    "quantize_weight",
+    "resolve_group_size",
+    "round_ste",
+    "unpack_int",
+    "weight_qparams",
+]

@@ -1,0 +1,115 @@
+"""Bit packing of integer codes into GPTQ's int32 layout.
+
+Layout: codes are packed along dim 0 in chunks of 32 rows. Each chunk is one little-endian
+bitstream of ``32 * bits`` bits stored in ``bits`` consecutive int32 words: row ``j`` of the chunk
+occupies stream bits ``[j*bits, (j+1)*bits)`` and word ``k`` holds stream bits ``[32k, 32k+32)``.
+
+This matches the packing loop of GPTQ / AutoGPTQ (``QuantLinear.pack``): for 2/4/8 bits each
+word holds ``32 // bits`` whole values, lowest row in the lowest bits; for 3 bits 32 values fill
+3 words, with value 10 split across words 0/1 (2 low bits at bit 30 of word 0, top bit at bit 0
+of word 1) and value 21 split across words 1/2 (low bit at bit 31 of word 1, 2 high bits at
+bits 0-1 of word 2), which is exactly where a continuous bitstream puts them.
+
+GPTQ's ``qweight`` is ``[in * bits / 32, out]``, so callers pack the transposed code matrix
+``codes.T`` ([in, out]). Its ``qzeros`` is packed along the *output* dimension instead; pack
+``zeros.T`` and transpose the result back for that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .primitives import check_weight_bits
+
+_ROWS_PER_CHUNK = 32
+_WORD_BITS = 32
+
+
+def packed_shape(rows: int, cols: int, bits: int) -> tuple[int, int]:
+    """Shape of ``pack_int`` output for a [rows, cols] code matrix: ``(ceil(rows/32)*bits, cols)``."""
+    check_weight_bits(bits)
+    return math.ceil(rows / _ROWS_PER_CHUNK) * bits, cols
+
+
+def _bit_position(row_in_chunk: int, bits: int) -> tuple[int, int]:
+    """(word index within the chunk, bit offset within that word) where a row's value starts."""
+    start = row_in_chunk * bits
+    return start // _WORD_BITS, start % _WORD_BITS
+
+
+def pack_int(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes along dim 0 into int32 words (GPTQ layout, see module docstring).
+
+    Args:
+        codes: integer tensor [rows, cols] with values in ``[0, 2**bits)``.
+        bits: one of ``WEIGHT_BITS``.
+
+    Returns:
+        int32 [ceil(rows/32) * bits, cols]. Rows are zero-padded to a multiple of 32. Words are
+        the two's-complement reinterpretation of the unsigned 32-bit patterns.
+    """
+    check_weight_bits(bits)
+    if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex():
+        raise ValueError(f"codes must be a 2-D integer tensor, got {codes.dtype} {tuple(codes.shape)}")
+    rows, cols = codes.shape
+    n_rows_packed, _ = packed_shape(rows, cols, bits)
+    n_chunks = n_rows_packed // bits
+    # int64 so that shifts into bit 31 and beyond never overflow a signed 32-bit value.
+    wide = codes.to(torch.int64)
+    if wide.numel() and (wide.min() < 0 or wide.max() >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+
+    padded = torch.zeros(n_chunks * _ROWS_PER_CHUNK, cols, dtype=torch.int64, device=codes.device)
+    padded[:rows] = wide
+    chunks = padded.view(n_chunks, _ROWS_PER_CHUNK, cols)
+
+    words = torch.zeros(n_chunks, bits, cols, dtype=torch.int64, device=codes.device)
+    for j in range(_ROWS_PER_CHUNK):
+        word, offset = _bit_position(j, bits)
+        value = chunks[:, j]
+        words[:, word] |= (value << offset) & 0xFFFFFFFF
+        spill = offset + bits - _WORD_BITS
+        if spill > 0:  # the value straddles into the next word (3-bit only)
+            words[:, word + 1] |= value >> (bits - spill)
+
+    # Wrap [0, 2**32) into int32's range explicitly, rather than relying on a narrowing cast.
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.view(n_rows_packed, cols).to(torch.int32)
+
+
+def unpack_int(packed: Tensor, bits: int, rows: int) -> Tensor:
+    """Exact inverse of ``pack_int``.
+
+    Args:
+        packed: int32 [ceil(rows/32) * bits, cols].
+        bits: one of ``WEIGHT_BITS``.
+        rows: number of rows before padding.
+
+    Returns:
+        uint8 [rows, cols].
+    """
+    check_weight_bits(bits)
+    n_rows_packed, cols = packed.shape
+    expected, _ = packed_shape(rows, cols, bits)
+    if n_rows_packed != expected:
+        raise ValueError(
+            f"packed has {n_rows_packed} rows, expected {expected} for rows={rows}, bits={bits}"
+        )
+    n_chunks = n_rows_packed // bits
+    # Back to the unsigned 32-bit pattern, held in int64 so right shifts don't sign-extend.
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(n_chunks, bits, cols)
+
+    mask = 2**bits - 1
+    values = []
+    for j in range(_ROWS_PER_CHUNK):
+        word, offset = _bit_position(j, bits)
+        value = words[:, word] >> offset
+        spill = offset + bits - _WORD_BITS
+        if spill > 0:
+            value = value | (words[:, word + 1] << (bits - spill))
+        values.append(value & mask)
+    codes = torch.stack(values, dim=1).view(n_chunks * _ROWS_PER_CHUNK, cols)
+    return codes[:rows].to(torch.uint8)

@@ -1,0 +1,241 @@
+"""Quantization primitives: group-wise weight quantization and per-token activation fake quantization.
+
+Conventions (shared with the GPTQ export path):
+
+* A weight is ``[out_features, in_features]``. Groups run along the input dimension, so
+  ``scale`` and ``zero`` are ``[out_features, n_groups]`` with
+  ``n_groups = in_features // group_size``.
+* Codes are unsigned integers in ``[0, 2**bits - 1]`` and dequantize as
+  ``(code - zero) * scale``. ``zero`` is stored as float32 but always holds an integer value,
+  so it can be packed into GPTQ's ``qzeros`` without loss.
+* All arithmetic is float32 regardless of the input dtype, so bf16/fp16 models quantize to the
+  same codes as their float32 upcast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+WEIGHT_BITS: tuple[int, ...] = (2, 3, 4, 8)
+# 16 means "activation quantization off"; it is accepted so configs can name it explicitly.
+ACT_BITS: tuple[int, ...] = (4, 6, 8, 16)
+
+# Lower bound on scales: an all-zero group would otherwise give scale 0 and divide by zero.
+# 1e-8 is far below any real weight/activation range, so it only ever triggers on such groups.
+_MIN_SCALE = 1e-8
+
+
+def check_weight_bits(bits: int, what: str = "w_bits") -> None:
+    """Raise ``ValueError`` unless ``bits`` is a supported weight bit width (``WEIGHT_BITS``)."""
+    if isinstance(bits, bool) or bits not in WEIGHT_BITS:
+        raise ValueError(f"{what} must be one of {WEIGHT_BITS}, got {bits!r}")
+
+
+def check_act_bits(bits: int, what: str = "a_bits") -> None:
+    """Raise ``ValueError`` unless ``bits`` is a supported activation bit width (``ACT_BITS``)."""
+    if isinstance(bits, bool) or bits not in ACT_BITS:
+        raise ValueError(f"{what} must be one of {ACT_BITS} (16 = off), got {bits!r}")
+
+
+def _suggest_group_size(group_size: int, in_features: int) -> int:
+    """Largest power of two <= ``group_size`` that divides ``in_features`` (at least 1)."""
+    candidate = 1
+    while candidate * 2 <= group_size and in_features % (candidate * 2) == 0:
+        candidate *= 2
+    return candidate
+
+
+def resolve_group_size(group_size: int, in_features: int, layer_name: str = "") -> int:
+    """Turn a configured group size into the actual number of input columns per group.
+
+    Args:
+        group_size: -1 for one group per output channel, otherwise a positive divisor of
+            ``in_features``.
+        in_features: the layer's input dimension.
+        layer_name: only used to make the error message point at the offending layer.
+
+    Returns:
+        The group size as a positive int (``in_features`` when ``group_size == -1``).
+    """
+    if group_size == -1:
+        return in_features
+    where = f"layer {layer_name!r}: " if layer_name else ""
+    if group_size <= 0:
+        raise ValueError(f"{where}group_size must be -1 (per output channel) or positive, got {group_size}")
+    if in_features % group_size != 0:
+        suggestion = _suggest_group_size(group_size, in_features)
+        hint = f"group_size={suggestion} or -1" if suggestion > 1 else "group_size=-1"
+        raise ValueError(
+            f"{where}group_size={group_size} does not divide in_features={in_features}; "
+            f"use {hint} (per output channel)"
+        )
+    return group_size
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest (ties to even), with a straight-through gradient when one is needed.
+
+    The STE form ``x + (round(x) - x).detach()`` has the same forward value up to float
+    rounding; using plain ``round`` whenever no gradient is requested keeps inference and
+    export paths exact.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x + (x.round() - x).detach()
+    return x.round()
+
+
+def _group_view(weight: Tensor, group_size: int) -> Tensor:
+    """float32 view of ``weight`` [out, in] as [out, n_groups, group_size]."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    group_size = resolve_group_size(group_size, in_features)
+    return weight.float().reshape(out_features, in_features // group_size, group_size)
+
+
+def weight_qparams(
+    weight: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    clip_lower: Tensor | None = None,
+    clip_upper: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-group scale and zero point for a weight matrix (min/max, optionally learnably clipped).
+
+    Args:
+        weight: [out, in], any float dtype.
+        bits: one of ``WEIGHT_BITS``.
+        group_size: -1 (per output channel) or a positive divisor of ``in``.
+        symmetric: if True, ``zero`` is fixed at ``2**(bits-1)`` (GPTQ's unsigned-code symmetric
+            convention) and ``scale = absmax / (2**(bits-1) - 1)``.
+        clip_lower, clip_upper: OmniQuant-style learnable-weight-clipping logits, float
+            [out, n_groups], or None for no clipping. The group range is shrunk to
+            ``wmin * sigmoid(clip_lower)`` / ``wmax * sigmoid(clip_upper)``.
+
+    Returns:
+        ``(scale, zero)``, both float32 [out, n_groups]; ``scale >= 1e-8`` and ``zero`` holds
+        integers in ``[0, 2**bits - 1]``. Differentiable w.r.t. the clip logits (and weight)
+        through ``round_ste``.
+    """
+    check_weight_bits(bits)
+    groups = _group_view(weight, group_size)
+    # Including 0 in the range (as GPTQ does) makes 0.0 exactly representable.
+    wmin = groups.amin(dim=-1).clamp(max=0.0)
+    wmax = groups.amax(dim=-1).clamp(min=0.0)
+    if clip_lower is not None:
+        wmin = wmin * torch.sigmoid(clip_lower.float())
+    if clip_upper is not None:
+        wmax = wmax * torch.sigmoid(clip_upper.float())
+
+    qmax = 2**bits - 1
+    if symmetric:
+        absmax = torch.maximum(-wmin, wmax)
+        scale = (absmax / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE)
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        scale = ((wmax - wmin) / qmax).clamp(min=_MIN_SCALE)
+        zero = round_ste(-wmin / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_weight(weight: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Map a weight to integer codes: ``clamp(round(w / scale) + zero, 0, 2**bits - 1)``.
+
+    Args:
+        weight: [out, in], any float dtype (computed in float32).
+        scale, zero: float [out, n_groups]; the group size is ``in // n_groups``.
+        bits: one of ``WEIGHT_BITS``.
+
+    Returns:
+        Codes, uint8 [out, in]. Not differentiable (codes are integers).
+    """
+    check_weight_bits(bits)
+    out_features, in_features = weight.shape
+    groups = _group_view(weight, in_features // scale.shape[1])
+    scale3, zero3 = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    codes = (torch.round(groups / scale3) + zero3).clamp(0, 2**bits - 1)
+    return codes.reshape(out_features, in_features).to(torch.uint8)
+
+
+def dequantize_weight(
+    codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Inverse of ``quantize_weight``: ``(codes - zero) * scale`` in float32, cast to ``dtype``.
+
+    Args:
+        codes: integer [out, in].
+        scale, zero: float [out, n_groups].
+        dtype: dtype of the result.
+
+    Returns:
+        [out, in] tensor of ``dtype``.
+    """
+    out_features, in_features = codes.shape
+    groups = _group_view(codes, in_features // scale.shape[1])
+    weight = (groups - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return weight.reshape(out_features, in_features).to(dtype)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def fake_quantize_weight(
+    weight: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    clip_lower: Tensor | None = None,
+    clip_upper: Tensor | None = None,
+) -> Tensor:
+    """Quantize-then-dequantize a weight, keeping its shape [out, in] and dtype.
+
+    Without gradients this is literally ``dequantize_weight(quantize_weight(...))``, so it agrees
+    bit for bit with what an exported (packed) checkpoint computes. When the weight or a clip
+    logit requires grad, the same formula is evaluated with ``round_ste`` so gradients reach the
+    clip logits (through scale and zero) and the weight (straight-through inside the range).
+    See ``weight_qparams`` for the arguments.
+    """
+    scale, zero = weight_qparams(weight, bits, group_size, symmetric, clip_lower, clip_upper)
+    if not _needs_grad(weight, clip_lower, clip_upper):
+        codes = quantize_weight(weight, scale, zero, bits)
+        return dequantize_weight(codes, scale, zero, dtype=weight.dtype)
+
+    out_features, in_features = weight.shape
+    groups = _group_view(weight, in_features // scale.shape[1])
+    scale3, zero3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    codes = (round_ste(groups / scale3) + zero3).clamp(0, 2**bits - 1)
+    fake = (codes - zero3) * scale3
+    return fake.reshape(out_features, in_features).to(weight.dtype)
+
+
+def fake_quantize_activation(x: Tensor, bits: int, group_size: int = -1) -> Tensor:
+    """Per-token dynamic asymmetric fake quantization along the last dimension.
+
+    Each token (and, with ``group_size``, each slice of ``group_size`` channels, e.g. one
+    attention head) gets its own min/max range, widened to include 0.
+
+    Args:
+        x: [..., D], any float dtype (computed in float32).
+        bits: one of ``ACT_BITS``; 16 returns ``x`` itself unchanged.
+        group_size: -1 for the whole last dim, else a positive divisor of D.
+
+    Returns:
+        Tensor with the shape and dtype of ``x``. Differentiable via ``round_ste``.
+    """
+    check_act_bits(bits)
+    if bits == 16:
+        return x
+    last = x.shape[-1]
+    group_size = resolve_group_size(group_size, last, layer_name="activation")
+    groups = x.float().reshape(*x.shape[:-1], last // group_size, group_size)
+
+    qmax = 2**bits - 1
+    xmin = groups.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    xmax = groups.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    scale = ((xmax - xmin) / qmax).clamp(min=_MIN_SCALE)
+    zero = torch.round(-xmin / scale)
+    codes = (round_ste(groups / scale) + zero).clamp(0, qmax)
+    return ((codes - zero) * scale).reshape(x.shape).to(x.dtype)

@@ -1,0 +1,111 @@
+"""ZeroQATConfig: what to quantize, how, and which part is trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft import PeftConfig
+
+from ..quant import ACT_BITS, WEIGHT_BITS, check_act_bits, check_weight_bits
+from .registration import zqat_peft_type
+
+TRAINABLE_MODES = ("full", "lightweight", "scales")
+INIT_MODES = ("rtn", "calibrate")
+
+
+@dataclass
+class ZeroQATConfig(PeftConfig):
+    """Configuration of a ZeroQAT model (quantization-aware training with zeroth-order gradients).
+
+    Every targeted nn.Linear becomes a `ZQATLinear`. Its weight lives in one of two forms:
+
+    - *trained*: a full-precision master weight, fake-quantized in every forward (and the layer's
+      input too when ``a_bits < 16``); the ZO trainer updates the master weight.
+    - *packed*: integer codes packed GPTQ-style plus per-group scales/zeros; the float weight is freed,
+      and the layer dequantizes on the fly.
+
+    ``trainable`` picks which layers are trained:
+    ``"full"`` every targeted layer; ``"lightweight"`` only ``trainable_modules`` (q_proj/v_proj by
+    default), the rest packed and frozen; ``"scales"`` every layer packed, only the per-group scales
+    are trained (QZO-style).
+
+    ``init="rtn"`` packs frozen layers right away (round-to-nearest). ``init="calibrate"`` keeps them in
+    float form until `zqat_peft.calibrate(model, data)` has learned clipping (and smoothing), then packs
+    them and sets ``calibrated=True``; a model loaded from such a checkpoint is rebuilt packed.
+    """
+
+    w_bits: int = field(default=4, metadata={"help": f"Weight bits, one of {WEIGHT_BITS}."})
+    a_bits: int = field(default=16, metadata={"help": f"Activation bits, one of {ACT_BITS}; 16 = weight-only."})
+    kv_bits: int = field(
+        default=16,
+        metadata={"help": "Bits of the key/value projections' outputs (the KV cache), per token and head; 16 = off."},
+    )
+    group_size: int = field(
+        default=128, metadata={"help": "Weights per quantization group along the input dimension; -1 = per channel."}
+    )
+    symmetric: bool = field(default=False, metadata={"help": "Symmetric weight quantization (default asymmetric)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={"help": "Modules to quantize (names, suffixes or a regex); 'all-linear' = every Linear but lm_head."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules not to quantize (names, suffixes or a regex)."}
+    )
+    trainable: Literal["full", "lightweight", "scales"] = field(
+        default="full", metadata={"help": f"Which parameters the ZO trainer updates: one of {TRAINABLE_MODES}."}
+    )
+    trainable_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "With trainable='lightweight': name suffixes of the layers that keep master weights."},
+    )
+    kv_modules: list[str] = field(
+        default_factory=lambda: ["k_proj", "v_proj", "query_key_value", "qkv_proj"],
+        metadata={"help": "Name suffixes of the projections whose outputs are quantized at kv_bits."},
+    )
+    init: Literal["rtn", "calibrate"] = field(
+        default="rtn", metadata={"help": f"Initialization of the quantizer: one of {INIT_MODES}."}
+    )
+    calibrated: bool = field(
+        default=False, metadata={"help": "Set by zqat_peft.calibrate once calibration has run; not set by hand."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = zqat_peft_type()
+        check_weight_bits(self.w_bits)
+        check_act_bits(self.a_bits, "a_bits")
+        check_act_bits(self.kv_bits, "kv_bits")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be a positive number of weights or -1 (per channel), got {self.group_size}.")
+        if self.trainable not in TRAINABLE_MODES:
+            raise ValueError(f"trainable must be one of {TRAINABLE_MODES}, got {self.trainable!r}.")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}.")
+        if self.trainable == "lightweight" and not self.trainable_modules:
+            raise ValueError("trainable='lightweight' needs trainable_modules (e.g. ['q_proj', 'v_proj']).")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+    def is_trained(self, module_name: str) -> bool:
+        """Whether the layer called `module_name` keeps a master weight that ZO training updates."""
+        if self.trainable == "full":
+            return True
+        if self.trainable == "scales":
+            return False
+        return any(_matches_suffix(module_name, s) for s in self.trainable_modules)
+
+    def quantizes_output(self, module_name: str) -> bool:
+        """Whether the layer's output is fake-quantized at kv_bits (the keys/values of attention)."""
+        return self.kv_bits < 16 and any(_matches_suffix(module_name, s) for s in self.kv_modules)
+
+    @property
+    def packs_frozen_layers(self) -> bool:
+        """Frozen layers are packed unless calibration still needs their float weights."""
+        return self.init == "rtn" or self.calibrated
+
+
+def _matches_suffix(module_name: str, suffix: str) -> bool:
+    return module_name == suffix or module_name.endswith("." + suffix)

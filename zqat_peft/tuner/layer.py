@@ -1,0 +1,194 @@
+"""ZQATLinear: a quantized nn.Linear as a peft tuner layer.
+
+A layer holds its weight in one of two forms (see `ZeroQATConfig`):
+
+- trained: ``zqat_weight`` (full-precision master) and ``zqat_clip_lower/upper`` (LWC clipping logits);
+  the forward fake-quantizes the master weight. An optimizer that wants to perturb the weight replaces
+  the ``zqat_weight`` entry for the duration of a forward; the stored tensor is never written by the
+  forward, so nothing drifts.
+- packed: ``zqat_qweight`` (int32, GPTQ layout), ``zqat_scales`` (float32) and ``zqat_zeros`` (uint8),
+  dequantized on the fly. The float weight is gone.
+
+The base nn.Linear keeps only its bias: its weight is replaced by an empty placeholder (that still
+carries dtype and device for peft's bookkeeping), because ZQATLinear owns the only copy of the weight.
+The layer knows nothing of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..quant import (
+    dequantize_weight,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    pack_int,
+    quantize_weight,
+    resolve_group_size,
+    unpack_int,
+    weight_qparams,
+)
+
+# sigmoid(CLIP_INIT_LOGIT) == 1.0 in float32: RTN until calibration learns something else.
+CLIP_INIT_LOGIT = 20.0
+
+
+@dataclass(frozen=True)
+class LayerQuantSpec:
+    """How one layer quantizes: resolved from the config for this layer's shape and name."""
+
+    w_bits: int
+    group_size: int  # resolved: divides in_features
+    symmetric: bool
+    a_bits: int  # 16 = input not quantized
+    out_bits: int  # 16 = output not quantized (keys/values)
+    out_group_size: int  # per attention head along the output
+
+
+class ZQATLayer(BaseTunerLayer):
+    # Floating tensors that peft toggles requires_grad on; which of them ZO trains is set per layer below.
+    adapter_layer_names = ("zqat_weight", "zqat_clip_lower", "zqat_clip_upper", "zqat_scales")
+    # Integer storage: never cast, never trainable, saved with the adapter.
+    other_param_names = ("zqat_qweight", "zqat_zeros", "zqat_spec")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.zqat_weight = nn.ParameterDict({})
+        self.zqat_clip_lower = nn.ParameterDict({})
+        self.zqat_clip_upper = nn.ParameterDict({})
+        self.zqat_scales = nn.ParameterDict({})
+        self.zqat_qweight = BufferDict({}, persistent=True)
+        self.zqat_zeros = BufferDict({}, persistent=True)
+        self.zqat_spec: dict[str, LayerQuantSpec] = {}
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"ZeroQAT quantizes nn.Linear layers only, got {type(base).__name__}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, spec: LayerQuantSpec, trained: bool, train_scales: bool) -> None:
+        """Take the base layer's weight as this adapter's master weight, then free the base copy."""
+        if self.zqat_spec:
+            raise ValueError("A ZeroQAT layer holds one adapter: quantization settings do not stack.")
+        base = self.get_base_layer()
+        weight = base.weight
+        self.zqat_spec[adapter_name] = spec
+        self.zqat_weight[adapter_name] = nn.Parameter(weight.data, requires_grad=trained)
+        n_groups = self.in_features // spec.group_size
+        clip = torch.full((self.out_features, n_groups), CLIP_INIT_LOGIT, dtype=torch.float32, device=weight.device)
+        self.zqat_clip_lower[adapter_name] = nn.Parameter(clip.clone(), requires_grad=False)
+        self.zqat_clip_upper[adapter_name] = nn.Parameter(clip, requires_grad=False)
+        base.weight = nn.Parameter(weight.data.new_empty(0), requires_grad=False)
+        frozen = ["zqat_clip_lower", "zqat_clip_upper"]
+        if not trained:
+            frozen.append("zqat_weight")
+        if not train_scales:
+            frozen.append("zqat_scales")
+        self.frozen_peft_weight_names = {adapter_name: tuple(frozen)}
+        self.set_adapter(self.active_adapters)
+
+    def is_packed(self, adapter_name: str) -> bool:
+        return adapter_name in self.zqat_qweight
+
+    def is_trained(self, adapter_name: str) -> bool:
+        """Whether ZO training updates this layer's master weight (set by the config, not by requires_grad)."""
+        return "zqat_weight" not in self.frozen_peft_weight_names.get(adapter_name, ())
+
+    @torch.no_grad()
+    def pack(self, adapter_name: str) -> None:
+        """Quantize the master weight to packed integer codes and free it (and its clipping logits)."""
+        if self.is_packed(adapter_name):
+            return
+        spec = self.zqat_spec[adapter_name]
+        master = self.zqat_weight[adapter_name]
+        scale, zero = weight_qparams(
+            master, spec.w_bits, spec.group_size, spec.symmetric,
+            self.zqat_clip_lower[adapter_name], self.zqat_clip_upper[adapter_name],
+        )
+        codes = quantize_weight(master, scale, zero, spec.w_bits)
+        self.zqat_qweight[adapter_name] = pack_int(codes.t(), spec.w_bits)
+        self.zqat_zeros[adapter_name] = zero.to(torch.uint8)
+        train_scales = "zqat_scales" not in self.frozen_peft_weight_names.get(adapter_name, ())
+        self.zqat_scales[adapter_name] = nn.Parameter(scale, requires_grad=train_scales)
+        for name in ("zqat_weight", "zqat_clip_lower", "zqat_clip_upper"):
+            del getattr(self, name)[adapter_name]
+
+    def quantized_weight(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight the forward multiplies with, [out, in]: on the quantization grid in either form."""
+        spec = self.zqat_spec[adapter_name]
+        if self.is_packed(adapter_name):
+            codes = unpack_int(self.zqat_qweight[adapter_name], spec.w_bits, self.in_features).t()
+            return dequantize_weight(
+                codes, self.zqat_scales[adapter_name], self.zqat_zeros[adapter_name], dtype=dtype or torch.float32
+            )
+        master = self.zqat_weight[adapter_name]
+        weight = fake_quantize_weight(
+            master, spec.w_bits, spec.group_size, spec.symmetric,
+            self.zqat_clip_lower[adapter_name], self.zqat_clip_upper[adapter_name],
+        )
+        return weight if dtype is None else weight.to(dtype)
+
+
+class ZQATLinear(nn.Module, ZQATLayer):
+    """A quantized nn.Linear: y = Q_out(Q_a(x) @ Q_w(W)^T + b)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        spec: LayerQuantSpec,
+        trained: bool,
+        train_scales: bool,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        ZQATLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, spec, trained=trained, train_scales=train_scales)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            raise RuntimeError(
+                "ZeroQAT layers own the only copy of their weights (the original float weights are freed), "
+                "so the adapter cannot be disabled. Load the base model again for full-precision outputs."
+            )
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapter = self.active_adapters[0]
+        spec = self.zqat_spec[adapter]
+        x = fake_quantize_activation(x, spec.a_bits)
+        y = F.linear(x, self.quantized_weight(adapter, dtype=x.dtype), self.base_layer.bias)
+        if spec.out_bits < 16:
+            y = fake_quantize_activation(y, spec.out_bits, spec.out_group_size)
+        return y
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the quantized weight into the base layer (which then runs without fake quantization)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        adapter = adapter_names[0]
+        base = self.get_base_layer()
+        weight = self.quantized_weight(adapter, dtype=base.weight.dtype).detach()
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"The quantized weight of adapter {adapter!r} holds NaN/inf: refusing to merge it.")
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        base.weight = nn.Parameter(base.weight.data.new_empty(0), requires_grad=False)
+        self.merged_adapters = []
+
+    def __repr__(self) -> str:
+        return "zqat." + super().__repr__()

@@ -1,0 +1,97 @@
+"""ZeroQATModel: the peft tuner that swaps a model's nn.Linear layers for ZQATLinear."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..quant import resolve_group_size
+from .config import ZeroQATConfig
+from .layer import LayerQuantSpec, ZQATLayer, ZQATLinear
+from .registration import PREFIX
+
+
+class ZeroQATModel(BaseTuner):
+    """Quantizes the targeted linear layers of a transformers model (see `ZeroQATConfig`).
+
+    After injection, frozen layers are packed to integers unless the config waits for calibration.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = ZQATLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _create_and_replace(
+        self,
+        config: ZeroQATConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if isinstance(target, BaseTunerLayer):
+            raise ValueError(
+                f"{current_key} is already wrapped by {type(target).__name__}: apply ZeroQAT to the plain model "
+                "(one ZeroQAT adapter per model)."
+            )
+        if not isinstance(target, nn.Linear):
+            raise TypeError(
+                f"{current_key} is a {type(target).__name__}; ZeroQAT quantizes nn.Linear layers only. "
+                "Remove it from target_modules or add it to exclude_modules."
+            )
+        spec = LayerQuantSpec(
+            w_bits=config.w_bits,
+            group_size=resolve_group_size(config.group_size, target.in_features, current_key),
+            symmetric=config.symmetric,
+            a_bits=config.a_bits,
+            out_bits=config.kv_bits if config.quantizes_output(current_key) else 16,
+            out_group_size=self._head_dim(target.out_features),
+        )
+        new_module = ZQATLinear(
+            target,
+            adapter_name,
+            spec,
+            trained=config.is_trained(current_key),
+            train_scales=config.trainable == "scales",
+        )
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _head_dim(self, out_features: int) -> int:
+        """Keys/values are quantized per token and attention head; -1 (whole row) when unknown."""
+        model_config = getattr(self.model, "config", None)
+        head_dim = getattr(model_config, "head_dim", None)
+        if head_dim is None and model_config is not None:
+            heads = getattr(model_config, "num_attention_heads", None)
+            hidden = getattr(model_config, "hidden_size", None)
+            head_dim = hidden // heads if heads and hidden else None
+        return head_dim if head_dim and out_features % head_dim == 0 else -1
+
+    def _check_new_adapter_config(self, config: ZeroQATConfig) -> None:
+        if len(self.peft_config) > 1:
+            raise ValueError("A model can hold one ZeroQAT adapter: quantization settings do not stack.")
+
+    def _post_injection_hook(self, model: nn.Module, config: ZeroQATConfig, adapter_name: str) -> None:
+        if config.packs_frozen_layers:
+            self.pack_frozen_layers(adapter_name)
+
+    def zqat_layers(self) -> list[tuple[str, ZQATLinear]]:
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, ZQATLinear)]
+
+    @torch.no_grad()
+    def pack_frozen_layers(self, adapter_name: Optional[str] = None) -> None:
+        """Pack every layer whose master weight is not trained (frees its float weight)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        for _, layer in self.zqat_layers():
+            if not layer.is_trained(adapter_name):
+                layer.pack(adapter_name)
+
+    def unload(self) -> nn.Module:
+        raise RuntimeError(
+            "ZeroQAT layers own the only copy of their weights (the original float weights were freed), so there "
+            "is nothing to unload to. Use merge_and_unload() for a plain model with the quantized weights."
+        )
