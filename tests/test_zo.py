@@ -1,0 +1,327 @@
+"""The zeroth-order engine and ZOTrainer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import TrainerCallback
+
+from zqat_peft import ZeroQATConfig, ZOTrainer, ZOTrainingArguments, replay_trajectory
+from zqat_peft.zo import ZODivergenceError, perturbed, spsa_losses, zo_parameters
+from zqat_peft.zo.noise import zo_noise
+
+from .conftest import tiny_batch, tiny_model
+
+
+class RepeatedBatch(torch.utils.data.Dataset):
+    """The same few sequences, over and over."""
+
+    def __init__(self, n: int = 4, seq: int = 16, length: int = 10_000, seed: int = 1):
+        self.batch = tiny_batch(n, seq, seed=seed)
+        self.n, self.length = n, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return {k: v[i % self.n] for k, v in self.batch.items()}
+
+
+def zqat_llama(mode: str = "full", **kw):
+    config = ZeroQATConfig(w_bits=4, group_size=32, trainable=mode, **kw)
+    return get_peft_model(tiny_model("llama"), config)
+
+
+def zo_args(tmp_path, **kw) -> ZOTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=10, learning_rate=1e-3,
+        lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to=[], seed=0,
+        disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+    )
+    defaults.update(kw)
+    return ZOTrainingArguments(**defaults)
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def batch_loss(model, batch) -> float:
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+# ----- the perturbation --------------------------------------------------------------------------
+
+
+def test_perturbation_is_applied_inside_the_forward_and_leaves_no_drift():
+    model = zqat_llama()
+    params = zo_parameters(model)
+    before = trained_state(model)
+    batch = tiny_batch()
+    clean = model(**batch).loss
+    loss_pos, loss_neg = spsa_losses(params, lambda: model(**batch).loss, seed=7, eps=1e-2)
+    assert loss_pos != clean and loss_neg != clean
+    after = trained_state(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_perturbed_forward_equals_forward_of_explicitly_perturbed_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(5, 8)
+    params = zo_parameters(model)
+    with perturbed(params, seed=3, scale=0.1):
+        got = model(x)
+    for p in params:
+        p.param.data += 0.1 * zo_noise(3, p.key, p.param.shape)
+    assert torch.allclose(got, model(x), atol=1e-6)
+
+
+def test_parameter_read_outside_its_forward_is_an_error():
+    class ReadsChildWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x @ self.inner.weight.t()
+
+    model = ReadsChildWeight()
+    with pytest.raises(RuntimeError, match="inner.weight"):
+        with perturbed(zo_parameters(model), seed=0, scale=0.1):
+            model(torch.randn(2, 4))
+
+
+def test_nothing_trainable_is_an_error():
+    model = nn.Linear(4, 4).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        zo_parameters(model)
+
+
+# ----- the estimator ------------------------------------------------------------------------------
+
+
+def test_estimator_mean_points_along_the_true_gradient():
+    """On a quadratic, the mean of g * z over many seeds matches the true gradient's direction."""
+    torch.manual_seed(0)
+    dim = 16
+    a = torch.randn(dim, dim) / math.sqrt(dim)
+    b = torch.randn(dim)
+    model = nn.Linear(dim, 1, bias=False)
+    params = zo_parameters(model)
+    w = params[0].param
+    true_grad = a.t() @ (a @ w.detach().reshape(-1) - b)
+    estimate = torch.zeros(dim)
+    eps = 1e-3
+    n = 3000
+    for seed in range(n):
+        with perturbed(params, seed, eps):
+            lp = _quadratic_through_module(model, a, b)
+        with perturbed(params, seed, -eps):
+            ln = _quadratic_through_module(model, a, b)
+        g = (lp - ln) / (2 * eps)
+        estimate += g * zo_noise(seed, params[0].key, (dim,))
+    estimate /= n
+    cosine = torch.nn.functional.cosine_similarity(estimate, true_grad, dim=0)
+    assert cosine > 0.9, cosine
+
+
+def _quadratic_through_module(model: nn.Linear, a, b):
+    # the module's forward computes a @ w (as a linear layer applied to a's rows)
+    return 0.5 * ((model(a).reshape(-1) - b) ** 2).sum()
+
+
+# ----- ZOTrainer ----------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_of_a_repeated_batch(tmp_path):
+    """ZO progress per step shrinks with the number of trained weights (and grows with a low-rank
+    loss landscape), so this uses a 10K-weight LLaMA and a batch with one dominant direction."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = get_peft_model(base, ZeroQATConfig(w_bits=4, group_size=32, trainable="full"))
+    data = RepeatedBatch(n=4, seq=16)
+    data.batch = {"input_ids": torch.full((4, 16), 7), "attention_mask": torch.ones(4, 16, dtype=torch.long),
+                  "labels": torch.full((4, 16), 7)}
+    start = batch_loss(model, data.batch)
+    trainer = ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=100, learning_rate=1e-3), train_dataset=data)
+    trainer.train()
+    end = batch_loss(model, data.batch)
+    assert end < start - 0.2, (start, end)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_no_autograd_graph_is_built(tmp_path):
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(torch.is_grad_enabled())
+
+    model = zqat_llama("full")
+    losses = []
+    orig = model.forward
+
+    def forward(*a, **kw):
+        out = orig(*a, **kw)
+        losses.append(out.loss)
+        return out
+
+    model.forward = forward
+    trainer = ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=3), train_dataset=RepeatedBatch(),
+                        callbacks=[Spy()])
+    trainer.train()
+    assert losses and all(l.grad_fn is None and not l.requires_grad for l in losses)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_resume_and_replay_are_bit_exact(tmp_path):
+    data = RepeatedBatch()
+    full = zqat_llama("lightweight")
+    ZOTrainer(model=full, args=zo_args(tmp_path / "a", max_steps=6), train_dataset=data).train()
+
+    part = zqat_llama("lightweight")
+    args = zo_args(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3)
+    ZOTrainer(model=part, args=args, train_dataset=data).train()
+    resumed = zqat_llama("lightweight")
+    ZOTrainer(model=resumed, args=args, train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3")
+    )
+    expected = trained_state(full)
+    got = trained_state(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+
+    replayed = replay_trajectory(zqat_llama("lightweight"), tmp_path / "b" / "checkpoint-6")
+    again = trained_state(replayed)
+    assert all(torch.equal(expected[n], again[n]) for n in expected)
+    assert (tmp_path / "b" / "checkpoint-6" / "zo_trajectory.safetensors").stat().st_size < 20_000
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Micro-batches of a window share the step's seeds and average their loss differences, so the
+    projected gradient is the one of the whole batch (up to float rounding of the loss). Only the
+    first step is compared: afterwards rounding-level weight differences flip quantization roundings."""
+    data = RepeatedBatch()
+    big = ZOTrainer(model=zqat_llama("lightweight"), train_dataset=data,
+                    args=zo_args(tmp_path / "a", max_steps=1, per_device_train_batch_size=4))
+    big.train()
+    accumulated = ZOTrainer(model=zqat_llama("lightweight"), train_dataset=data,
+                            args=zo_args(tmp_path / "b", max_steps=1, per_device_train_batch_size=2,
+                                         gradient_accumulation_steps=2))
+    accumulated.train()
+    (g_big,), (g_acc,) = big.zo_optimizer.trajectory.grads[0], accumulated.zo_optimizer.trajectory.grads[0]
+    assert g_big != 0 and abs(g_big - g_acc) <= 1e-3 * abs(g_big)
+    assert big.zo_optimizer.trajectory.seeds == accumulated.zo_optimizer.trajectory.seeds
+
+
+def test_several_queries_and_logging(tmp_path):
+    logged = []
+
+    class Collect(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logged.append(dict(logs))
+
+    model = zqat_llama("scales")
+    trainer = ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=4, logging_steps=2, zo_num_queries=3,
+                                                  warmup_steps=2, lr_scheduler_type="linear"),
+                        train_dataset=RepeatedBatch(), callbacks=[Collect()])
+    trainer.train()
+    step_logs = [entry for entry in logged if "loss" in entry]
+    assert step_logs and all("projected_grad" in e and "learning_rate" in e for e in step_logs)
+    assert all("grad_norm" not in e for e in step_logs)
+    assert len(trainer.zo_optimizer.trajectory.seeds[0]) == 3
+    lrs = trainer.zo_optimizer.trajectory.lrs
+    assert lrs[0] < lrs[1]  # warmup
+
+
+def test_lora_models_train_too(tmp_path):
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = trained_state(model)
+    ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=3), train_dataset=RepeatedBatch()).train()
+    after = trained_state(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_nonfinite_losses_skip_updates_then_stop(tmp_path):
+    model = zqat_llama("lightweight")
+    before = trained_state(model)
+    orig = model.forward
+
+    def nan_forward(*a, **kw):
+        out = orig(*a, **kw)
+        out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = nan_forward
+    trainer = ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=20, zo_max_nonfinite_steps=3),
+                        train_dataset=RepeatedBatch())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ZODivergenceError, match="3 steps in a row"):
+            trainer.train()
+    assert sum("NaN/inf" in str(w.message) for w in caught) >= 2
+    after = trained_state(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+# ----- refused settings ---------------------------------------------------------------------------
+
+
+def test_fp16_is_refused_with_a_suggestion(tmp_path):
+    with pytest.raises(ValueError, match="bf16"):
+        zo_args(tmp_path, fp16=True)
+
+
+def test_max_grad_norm_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="zo_grad_clip"):
+        zo_args(tmp_path, max_grad_norm=1.0)
+
+
+def test_plain_training_arguments_are_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="ZOTrainingArguments"):
+        ZOTrainer(model=zqat_llama(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+
+
+def test_model_with_nothing_trainable_is_refused(tmp_path):
+    model = tiny_model("llama").requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ZOTrainer(model=model, args=zo_args(tmp_path), train_dataset=RepeatedBatch())
+
+
+def test_two_processes_end_with_bit_identical_weights(tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): each evaluates its shard with the same seeds and
+    only the loss differences are all-reduced. (accelerate's --cpu flag means one process; its
+    torchrun launcher, --multi_gpu, starts the two CPU processes, which use_cpu=True keeps on gloo.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("zo_multiprocess_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    w0 = torch.load(tmp_path / "weights-rank0.pt")
+    w1 = torch.load(tmp_path / "weights-rank1.pt")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert torch.load(tmp_path / "grads-rank0.pt") == torch.load(tmp_path / "grads-rank1.pt")
+    x0, x1 = torch.load(tmp_path / "inputs-rank0.pt"), torch.load(tmp_path / "inputs-rank1.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(x0, x1)), "both processes saw the same batches"
+    start = trained_state(zqat_llama("lightweight"))
+    assert any(not torch.equal(w0[n], start[n]) for n in w0)

@@ -1,0 +1,58 @@
+"""The two-point SPSA estimator and the update it drives.
+
+For a seed s with noise z = z(s, p) for every trainable parameter p:
+    L+ = L(p + eps z),  L- = L(p - eps z),  g = (L+ - L-) / (2 eps)   (the projected gradient)
+    p <- p - lr * g * z                                                 (averaged over q seeds)
+z is regenerated from s at every use and never stored.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .noise import add_scaled_noise_
+from .perturbation import ZOParameter, perturbed
+
+
+def step_seeds(base_seed: int, step: int, num_queries: int) -> list[int]:
+    """The seeds of one optimizer step: a pure function of (base seed, step, query), so resume replays them."""
+    return [zlib.crc32(f"zo/{base_seed}/{step}/{q}".encode()) for q in range(num_queries)]
+
+
+def spsa_losses(
+    params: list[ZOParameter], loss_fn: Callable[[], torch.Tensor], seed: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The losses at +eps z and -eps z. loss_fn runs a forward and returns a scalar loss tensor."""
+    with perturbed(params, seed, eps):
+        loss_pos = loss_fn().detach()
+    with perturbed(params, seed, -eps):
+        loss_neg = loss_fn().detach()
+    return loss_pos, loss_neg
+
+
+def projected_gradient(loss_diff: float, eps: float, clip: Optional[float] = None) -> float:
+    """g = (L+ - L-) / (2 eps), optionally clipped to [-clip, clip]."""
+    g = loss_diff / (2.0 * eps)
+    if clip is not None and clip > 0:
+        g = max(-clip, min(clip, g))
+    return g
+
+
+@torch.no_grad()
+def zo_update(
+    params: list[ZOParameter],
+    seeds: Sequence[int],
+    grads: Sequence[float],
+    lr: float,
+    weight_decay: float = 0.0,
+) -> None:
+    """p <- p (1 - lr wd) - lr * mean_i(g_i z_i). Deterministic: replaying it gives the same bits."""
+    scales = [(-lr * g / len(seeds), seed) for seed, g in zip(seeds, grads) if g != 0.0]
+    for p in params:
+        if weight_decay:
+            p.param.mul_(1.0 - lr * weight_decay)
+        for scale, seed in scales:
+            add_scaled_noise_(p.param, seed, p.key, scale)

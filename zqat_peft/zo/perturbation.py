@@ -1,0 +1,104 @@
+"""Perturbing a model's trainable parameters inside its forward, without ever writing them.
+
+For a seed s and a scale c, every trainable parameter p is seen by its module as p + c * z(s, p) for
+the duration of that module's forward only: a forward pre-hook swaps the perturbed tensor in, a
+forward hook swaps the stored parameter back. The stored parameters are never modified, so after a
++eps and a -eps pass they are bit-identical to before (no drift), and the extra memory is one
+module's perturbed weights at a time. This works for any module whose forward reads its parameters
+(nn.Linear, LoRA's lora_A/lora_B, ZQATLinear's ParameterDict entries, norms, embeddings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .noise import add_scaled_noise, param_key
+
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
+
+
+@dataclass
+class ZOParameter:
+    """A trainable parameter, the stable key its noise derives from, and where it is read."""
+
+    name: str
+    param: nn.Parameter
+    key: int
+    # (module whose forward reads the parameter, holder of the parameter, attribute name in the holder)
+    sites: list[tuple[nn.Module, nn.Module, str]] = field(default_factory=list)
+
+
+def zo_parameters(model: nn.Module) -> list[ZOParameter]:
+    """The parameters ZO training updates: those with requires_grad, in a stable order.
+
+    A parameter shared by several modules (tied weights) is perturbed identically at every site.
+    """
+    by_id: dict[int, ZOParameter] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad:
+            continue
+        holder_name, _, attr = name.rpartition(".")
+        entry = by_id.setdefault(id(param), ZOParameter(name, param, param_key(name)))
+        entry.sites.append((_calling_module(modules, holder_name), modules[holder_name], attr))
+    if not by_id:
+        raise ValueError(
+            "The model has no trainable parameters (none has requires_grad=True): nothing for ZO training to update."
+        )
+    return list(by_id.values())
+
+
+def _calling_module(modules: dict[str, nn.Module], holder_name: str) -> nn.Module:
+    """The nearest module at or above the holder whose forward runs (containers are never called)."""
+    name = holder_name
+    while isinstance(modules[name], _CONTAINERS):
+        name = name.rpartition(".")[0]
+    return modules[name]
+
+
+@contextlib.contextmanager
+def perturbed(params: list[ZOParameter], seed: int, scale: float) -> Iterator[None]:
+    """Inside this block, every forward sees each parameter as p + scale * z(seed, p).
+
+    Raises if a parameter was never swapped in during the block (it is read outside its module's
+    forward), because its perturbation would silently be missing from the loss difference.
+    """
+    sites_by_module: dict[nn.Module, list[tuple[nn.Module, str, ZOParameter]]] = {}
+    for p in params:
+        for caller, holder, attr in p.sites:
+            sites_by_module.setdefault(caller, []).append((holder, attr, p))
+    used: set[int] = set()
+
+    def swap_in(module: nn.Module, args) -> None:
+        for holder, attr, p in sites_by_module[module]:
+            holder._parameters[attr] = add_scaled_noise(p.param, seed, p.key, scale)
+            used.add(id(p))
+
+    def swap_back(module: nn.Module, args, output) -> None:
+        for holder, attr, p in sites_by_module[module]:
+            holder._parameters[attr] = p.param
+
+    handles = []
+    for module in sites_by_module:
+        handles.append(module.register_forward_pre_hook(swap_in))
+        handles.append(module.register_forward_hook(swap_back, always_call=True))
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module, sites in sites_by_module.items():
+            for holder, attr, p in sites:
+                holder._parameters[attr] = p.param
+    missing = [p.name for p in params if id(p) not in used]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} trainable parameter(s) were not read inside their module's forward, e.g. {missing[0]}; "
+            "ZO training cannot perturb them. Freeze them (requires_grad=False) or train the module that uses them."
+        )
