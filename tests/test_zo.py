@@ -325,3 +325,9 @@ def test_two_processes_end_with_bit_identical_weights(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(x0, x1)), "both processes saw the same batches"
     start = trained_state(zqat_llama("lightweight"))
     assert any(not torch.equal(w0[n], start[n]) for n in w0)
+
+
+def test_uncalibrated_model_is_refused(tmp_path):
+    model = get_peft_model(tiny_model("llama"), ZeroQATConfig(init="calibrate"))
+    with pytest.raises(ValueError, match="not calibrated"):
+        ZOTrainer(model=model, args=zo_args(tmp_path), train_dataset=RepeatedBatch())

@@ -66,6 +66,14 @@ class ZeroQATConfig(PeftConfig):
     init: Literal["rtn", "calibrate"] = field(
         default="rtn", metadata={"help": f"Initialization of the quantizer: one of {INIT_MODES}."}
     )
+    smooth: bool = field(
+        default=True,
+        metadata={"help": "With a_bits < 16 and init='calibrate': learn a per-channel smoothing scale at each layer input."},
+    )
+    calib_epochs: int = field(default=2, metadata={"help": "Epochs of block-wise calibration over the calibration set."})
+    calib_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the clipping logits in calibration."})
+    calib_smooth_lr: float = field(default=5e-3, metadata={"help": "Learning rate of the smoothing scales."})
+    calib_alpha: float = field(default=0.5, metadata={"help": "SmoothQuant migration strength of the initial scales."})
     calibrated: bool = field(
         default=False, metadata={"help": "Set by zqat_peft.calibrate once calibration has run; not set by hand."}
     )
@@ -100,6 +108,11 @@ class ZeroQATConfig(PeftConfig):
     def quantizes_output(self, module_name: str) -> bool:
         """Whether the layer's output is fake-quantized at kv_bits (the keys/values of attention)."""
         return self.kv_bits < 16 and any(_matches_suffix(module_name, s) for s in self.kv_modules)
+
+    @property
+    def smooths(self) -> bool:
+        """Layers carry a smoothing scale: weight-activation quantization that is calibrated."""
+        return self.smooth and self.a_bits < 16 and self.init == "calibrate"
 
     @property
     def packs_frozen_layers(self) -> bool:

@@ -9,6 +9,10 @@ A layer holds its weight in one of two forms (see `ZeroQATConfig`):
 - packed: ``zqat_qweight`` (int32, GPTQ layout), ``zqat_scales`` (float32) and ``zqat_zeros`` (uint8),
   dequantized on the fly. The float weight is gone.
 
+With smoothing (weight-activation settings), ``zqat_input_scale`` holds 1/s per input channel: the
+layer computes (x / s) @ (W s)^T, exact for any architecture, with s already folded into the master
+weight (or codes). Calibration learns s.
+
 The base nn.Linear keeps only its bias: its weight is replaced by an empty placeholder (that still
 carries dtype and device for peft's bookkeeping), because ZQATLinear owns the only copy of the weight.
 The layer knows nothing of training.
@@ -50,11 +54,12 @@ class LayerQuantSpec:
     a_bits: int  # 16 = input not quantized
     out_bits: int  # 16 = output not quantized (keys/values)
     out_group_size: int  # per attention head along the output
+    smooth: bool = False  # holds a per-input-channel scale (smoothing)
 
 
 class ZQATLayer(BaseTunerLayer):
     # Floating tensors that peft toggles requires_grad on; which of them ZO trains is set per layer below.
-    adapter_layer_names = ("zqat_weight", "zqat_clip_lower", "zqat_clip_upper", "zqat_scales")
+    adapter_layer_names = ("zqat_weight", "zqat_clip_lower", "zqat_clip_upper", "zqat_scales", "zqat_input_scale")
     # Integer storage: never cast, never trainable, saved with the adapter.
     other_param_names = ("zqat_qweight", "zqat_zeros", "zqat_spec")
 
@@ -64,10 +69,13 @@ class ZQATLayer(BaseTunerLayer):
         self.zqat_clip_lower = nn.ParameterDict({})
         self.zqat_clip_upper = nn.ParameterDict({})
         self.zqat_scales = nn.ParameterDict({})
+        self.zqat_input_scale = nn.ParameterDict({})
         self.zqat_qweight = BufferDict({}, persistent=True)
         self.zqat_zeros = BufferDict({}, persistent=True)
         self.zqat_spec: dict[str, LayerQuantSpec] = {}
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        # False runs a trained layer in full precision (calibration's reference outputs).
+        self.fake_quant = True
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -88,8 +96,11 @@ class ZQATLayer(BaseTunerLayer):
         clip = torch.full((self.out_features, n_groups), CLIP_INIT_LOGIT, dtype=torch.float32, device=weight.device)
         self.zqat_clip_lower[adapter_name] = nn.Parameter(clip.clone(), requires_grad=False)
         self.zqat_clip_upper[adapter_name] = nn.Parameter(clip, requires_grad=False)
+        if spec.smooth:
+            ones = torch.ones(self.in_features, dtype=torch.float32, device=weight.device)
+            self.zqat_input_scale[adapter_name] = nn.Parameter(ones, requires_grad=False)
         base.weight = nn.Parameter(weight.data.new_empty(0), requires_grad=False)
-        frozen = ["zqat_clip_lower", "zqat_clip_upper"]
+        frozen = ["zqat_clip_lower", "zqat_clip_upper", "zqat_input_scale"]
         if not trained:
             frozen.append("zqat_weight")
         if not train_scales:
@@ -166,6 +177,12 @@ class ZQATLinear(nn.Module, ZQATLayer):
             return self.base_layer(x, *args, **kwargs)
         adapter = self.active_adapters[0]
         spec = self.zqat_spec[adapter]
+        if adapter in self.zqat_input_scale:
+            x = x * self.zqat_input_scale[adapter].to(x.dtype)
+        if not self.fake_quant:
+            if self.is_packed(adapter):
+                raise RuntimeError("A packed layer has no full-precision weight to run with fake_quant=False.")
+            return F.linear(x, self.zqat_weight[adapter].to(x.dtype), self.base_layer.bias)
         x = fake_quantize_activation(x, spec.a_bits)
         y = F.linear(x, self.quantized_weight(adapter, dtype=x.dtype), self.base_layer.bias)
         if spec.out_bits < 16:

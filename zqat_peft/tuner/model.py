@@ -51,6 +51,7 @@ class ZeroQATModel(BaseTuner):
             a_bits=config.a_bits,
             out_bits=config.kv_bits if config.quantizes_output(current_key) else 16,
             out_group_size=self._head_dim(target.out_features),
+            smooth=config.smooths,
         )
         new_module = ZQATLinear(
             target,

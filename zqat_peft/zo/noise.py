@@ -5,7 +5,7 @@ step's seed, a stable 32-bit key of the parameter and the element's flat index, 
 recorded on one device must replay bit-exactly on another. torch's generators give neither, so z is
 defined here with integer operations only, plus float32 operations that IEEE 754 rounds exactly
 (round to nearest even) on every device. A CUDA kernel must implement exactly this definition
-("zqat-noise-v1"); the test vectors at the end of this docstring pin it.
+("zqat-noise-v1", ``NOISE_VERSION``); the test vectors below pin it.
 
 Definition
 ----------
@@ -27,7 +27,8 @@ Element ``i`` (flat row-major index in the parameter, 0 <= i < 2**31) uses two 3
 
 (The inner, unkeyed ``mix32`` scrambles the counter before the key enters, so two streams are not
 simple index permutations of each other; all 2 * numel counters of a stream are distinct, so all its
-words are distinct.) The four 16-bit halves are independent uniforms on {0, ..., 65535}::
+words are distinct. Bit 31 rather than counters 2i, 2i+1 tells h1 from h2 so that a chunk's h1 and
+h2 words form two contiguous blocks.) The four 16-bit halves are independent uniforms on {0, ..., 65535}::
 
     S = (h1 & 0xFFFF) + (h1 >> 16) + (h2 & 0xFFFF) + (h2 >> 16)          # integer, 0 <= S <= 262140
     z = float32(S - 131070) * C                                          # one float32 multiply
@@ -73,7 +74,8 @@ magnitude < 2**31), so that product also stays inside int64, and ``& 0xFFFFFFFF`
 mod 2**32 (two's complement). Three exact identities cut the work:
 
 * ``x -> x ^ (x >> 16)`` is GF(2)-linear, so mix32's first step of the counter ``B ^ j`` (B a
-  multiple of the chunk length, j inside the chunk) is ``table[j] ^ (B ^ (B >> 16))``;
+  multiple of the chunk length, j inside the chunk) is ``table[j] ^ (B ^ (B >> 16))``, and that of
+  ``B ^ j ^ 2**31`` is ``table[j] ^ 0x80008000 ^ (B ^ (B >> 16))``;
 * it is also an involution on 32-bit words, so the inner mix32's last step, the xor with k and the
   outer mix32's first step together are one xor with ``k ^ (k >> 16)``;
 * the 16-bit halves of both words are summed in int32 views of the int64 buffers (values stay
@@ -127,8 +129,8 @@ def _f32(x: float) -> float:
 NOISE_SCALE: float = _f32(1.0 / math.sqrt((65536**2 - 1) / 3))  # bits 0x37ddb3d7
 assert struct.pack("<f", NOISE_SCALE) == struct.pack("<I", 0x37DDB3D7)
 
-# Elements per chunk by device type (powers of two). The int64 workspace is 2 buffers of 2 * chunk
-# int64 plus a chunk-long table and float32 buffer: 11 MiB at 2**18, 88 MiB at 2**21.
+# Elements per chunk by device type (powers of two). The workspace is 3 int64 buffers of 2 * chunk
+# (two work buffers, the counter table) and a float32 chunk: 13 MiB at 2**18, 104 MiB at 2**21.
 CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 21}
 _DEFAULT_CHUNK = 1 << 20
 
@@ -187,7 +189,9 @@ class _Workspace:
     def __init__(self, device: torch.device, chunk: int):
         self.chunk = chunk
         j = torch.arange(chunk, dtype=torch.int64, device=device)
-        self.table = j ^ (j >> 16)  # mix32's first step of the in-chunk part of the counter
+        j ^= j >> 16  # mix32's first step of the in-chunk part of the counter ...
+        # ... and of the same counter with bit 31 set, relative to the chunk's h1 base (see _fill_noise)
+        self.table = torch.stack([j, j ^ (_BIT31 ^ (_BIT31 >> 16))])
         self.x = torch.empty(2 * chunk, dtype=torch.int64, device=device)
         self.t = torch.empty(2 * chunk, dtype=torch.int64, device=device)
         self.z = torch.empty(chunk, dtype=torch.float32, device=device)
@@ -201,8 +205,8 @@ class _Workspace:
             x, t = self.x[: 2 * n], self.t[: 2 * n]
             x32 = x.view(torch.int32)
             v = self._views[(r, n)] = (
-                self.table[r : r + n], x, t, x[:n], x[n:], x32, t.view(torch.int32), x32[: 2 * n], x32[2 * n :],
-                self.z[:n],
+                self.table[:, r : r + n], x, t, x.view(2, n), x[:n], x32, t.view(torch.int32), x32[: 2 * n],
+                x32[2 * n :], self.z[:n],
             )
         return v
 
@@ -247,13 +251,11 @@ def _fill_noise(ws: _Workspace, kfold: int, start: int, n: int, out: Optional[Te
     """
     r = start & (ws.chunk - 1)
     base = start - r
-    b2 = base | _BIT31
-    table, x, t, x_h1, x_h2, x32, t32, x32_h1, x32_h2, z = ws.views(r, n)
+    table, x, t, x_blocks, x_h1, x32, t32, x32_h1, x32_h2, z = ws.views(r, n)
     if out is not None:
         z = out
-    # Counters i = base ^ j (h1) and i | 2**31 (h2), after mix32's first step: [h1 block | h2 block].
-    torch.bitwise_xor(table, base ^ (base >> 16), out=x_h1)
-    torch.bitwise_xor(table, b2 ^ (b2 >> 16), out=x_h2)
+    # Counters i = base ^ j (h1 block) and i ^ 2**31 (h2 block), after mix32's first step.
+    torch.bitwise_xor(table, base ^ (base >> 16), out=x_blocks)
     # inner mix32, rest
     _mul_mod32(x, _C1)
     torch.bitwise_right_shift(x, 15, out=t)

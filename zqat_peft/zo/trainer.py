@@ -122,6 +122,12 @@ class ZOTrainer(Trainer):
 
 
 def _check_model_is_trainable(model: nn.Module) -> None:
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if getattr(config, "init", None) == "calibrate" and not getattr(config, "calibrated", True):
+            raise ValueError(
+                "This ZeroQAT model was made with init='calibrate' but is not calibrated yet: run "
+                "zqat_peft.calibrate(model, batches) first (or use init='rtn')."
+            )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "The model has no trainable parameters: ZOTrainer would have nothing to update. Wrap it with "

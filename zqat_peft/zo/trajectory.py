@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .estimator import zo_update
+from .noise import NOISE_VERSION
 from .perturbation import zo_parameters
 
 TRAJECTORY_FILE = "zo_trajectory.safetensors"
-NOISE_VERSION = "zqat-noise-v1"
 
 
 @dataclass

@@ -1,0 +1,46 @@
+"""Models, text corpora and zero-shot task data that can be fetched without Hugging Face Hub access.
+
+See :mod:`zqat_peft.data.assets` for the sources and the cache layout.
+"""
+
+from .assets import (
+    ASSETS,
+    DEFAULT_MODEL,
+    MODELS,
+    SPLITS,
+    TASKS,
+    TEXT_CORPORA,
+    asset_path,
+    cache_dir,
+    clean_wiki_markup,
+    extract_wiki_articles,
+    fetch,
+    is_complete,
+    load_model_and_tokenizer,
+    load_text,
+    read_r_lazyload,
+    resolve_model_path,
+    split_documents,
+    task_data_dir,
+)
+
+__all__ = [
+    "ASSETS",
+    "DEFAULT_MODEL",
+    "MODELS",
+    "SPLITS",
+    "TASKS",
+    "TEXT_CORPORA",
+    "asset_path",
+    "cache_dir",
+    "clean_wiki_markup",
+    "extract_wiki_articles",
+    "fetch",
+    "is_complete",
+    "load_model_and_tokenizer",
+    "load_text",
+    "read_r_lazyload",
+    "resolve_model_path",
+    "split_documents",
+    "task_data_dir",
+]
