@@ -1,0 +1,126 @@
+"""Cost of one ZO step against one plain forward of the same batch, per trainable mode.
+
+A ZO step = two perturbed forwards + the seeded update; its floor is two forwards. Memory: peak of
+a ZO step / peak of a forward (CPU: the process's peak RSS, each measured in a fresh process; GPU:
+torch.cuda.max_memory_allocated). Time: median over repeats, both measured in the same process.
+
+    python benchmarks/zo_step.py --out benchmarks/results/zo_step_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from peft import get_peft_model
+
+from zqat_peft import ZeroQATConfig
+from zqat_peft.zo import spsa_losses, zo_parameters, zo_update
+
+SHAPES = {
+    # SmolLM2-135M (random weights give the same costs as the real ones)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def build(shape: str, mode: str, w_bits: int, group_size: int, dtype: torch.dtype, device: str):
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return get_peft_model(model, ZeroQATConfig(w_bits=w_bits, group_size=group_size, trainable=mode))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(args, what: str) -> dict:
+    """Run in a fresh process: build the model, then time `what` ("forward" or "zo") and its peak memory."""
+    dtype = getattr(torch, args.dtype)
+    model = build(args.shape, args.mode, args.w_bits, args.group_size, dtype, args.device)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
+    params = zo_parameters(model)
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=ids, labels=ids).loss
+
+    def zo_step(seed):
+        lp, ln = spsa_losses(params, forward, seed, 1e-3)
+        zo_update(params, [seed], [float(lp - ln) / 2e-3], 1e-7)
+
+    run = {"forward": lambda i: forward(), "zo": zo_step}[what]
+    run(0)  # warm up
+    sync(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.repeats):
+        start = time.perf_counter()
+        run(i + 1)
+        sync(args.device)
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"seconds": statistics.median(times), "peak_bytes": peak,
+            "trained_params": sum(p.param.numel() for p in params)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    parser.add_argument("--modes", nargs="*", default=["full", "lightweight", "scales"])
+    parser.add_argument("--w-bits", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results/zo_step.json")
+    parser.add_argument("--child", choices=["forward", "zo"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args, args.child)))
+        return
+    rows = {}
+    for mode in args.modes:
+        row = {}
+        for what in ("forward", "zo"):
+            cmd = [sys.executable, __file__, "--child", what, "--mode", mode] + _forward_args(args)
+            row[what] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        row["time_ratio"] = row["zo"]["seconds"] / row["forward"]["seconds"]
+        row["memory_ratio"] = row["zo"]["peak_bytes"] / row["forward"]["peak_bytes"]
+        rows[mode] = row
+        print(f"{mode:12s} forward {row['forward']['seconds']:.3f} s  ZO step {row['zo']['seconds']:.3f} s  "
+              f"time x{row['time_ratio']:.2f}  peak x{row['memory_ratio']:.3f}  "
+              f"({row['zo']['trained_params'] / 1e6:.1f} M trained)", flush=True)
+    meta = {k: v for k, v in vars(args).items() if k not in ("child", "mode", "out")}
+    meta["threads"] = torch.get_num_threads()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "modes": rows}, indent=2))
+
+
+def _forward_args(args) -> list[str]:
+    return ["--shape", args.shape, "--w-bits", str(args.w_bits), "--group-size", str(args.group_size),
+            "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
+            "--repeats", str(args.repeats), "--device", args.device]
+
+
+if __name__ == "__main__":
+    main()
