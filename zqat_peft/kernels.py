@@ -1,0 +1,176 @@
+"""Loaders of the optional compiled kernels in ``cuda_ext/`` (built on first use, then cached).
+
+* ``cpu_noise_ext()``: ``cuda_ext/zo_noise_cpu.cpp``, the CPU kernel of the ZO noise (``add_scaled_noise``,
+  ``fill_noise``), bit-identical to the PyTorch implementation in ``zqat_peft.zo.noise``, which uses it
+  for CPU tensors.
+* ``cuda_ext()``: ``cuda_ext/zqat_kernels.cu`` (+ its pybind11 binding ``zqat_kernels_bind.cpp``): the CUDA
+  kernels (scaled noise, fused perturb + weight fake quantization, activation fake quantization,
+  packed-weight dequantization and GEMV), compile-checked but not yet run on a GPU, so nothing calls them
+  yet; ``packed_linear_cuda`` shows how the packed-weight ones are meant to be used.
+
+Both are JIT-compiled with ``torch.utils.cpp_extension.load`` into torch's extensions directory
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where later processes find the built
+library. The sources live in the top-level ``cuda_ext/`` folder of the repository, next to the package;
+an editable install (``pip install -e .``) keeps them there. When the sources, the compiler (or ninja)
+or CUDA are missing, or the build fails, the loader warns once and returns None, and callers fall back
+to the PyTorch implementation. ``ZQAT_NO_EXT=1`` in the environment disables both extensions (read on
+the first call; ``cpu_noise_ext.cache_clear()`` makes the loader look again).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["cpu_noise_ext", "cuda_ext", "ext_sources_dir", "extensions_disabled", "packed_linear_cuda"]
+
+_DISABLE_ENV = "ZQAT_NO_EXT"
+_CPU_SOURCES = ("zo_noise_cpu.cpp",)
+_CUDA_SOURCES = ("zqat_kernels_bind.cpp", "zqat_kernels.cu")
+# Bump when a kernel's interface changes (the name keys torch's build directory).
+_CPU_NAME = "zqat_zo_noise_cpu_v1"
+_CUDA_NAME = "zqat_kernels_cuda_v1"
+
+
+def extensions_disabled() -> bool:
+    """True when ``ZQAT_NO_EXT`` is set to a true value (anything but '', '0', 'false', 'no', 'off')."""
+    return os.environ.get(_DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def ext_sources_dir() -> Optional[Path]:
+    """The ``cuda_ext`` folder next to the installed package, or None when it is not there."""
+    root = Path(__file__).resolve().parent.parent  # the folder that holds zqat_peft/
+    folder = root / "cuda_ext"
+    return folder if folder.is_dir() else None
+
+
+def _sources(names: tuple[str, ...]) -> Optional[list[str]]:
+    folder = ext_sources_dir()
+    if folder is None:
+        return None
+    paths = [folder / n for n in names]
+    return [str(p) for p in paths] if all(p.is_file() for p in paths) else None
+
+
+def _host_flags() -> tuple[list[str], list[str]]:
+    """Host compiler flags: optimise, never contract a * b + c into an FMA (the noise is defined with two
+    roundings), OpenMP so that at::parallel_for runs in parallel (Linux; torch ships libgomp)."""
+    cflags = ["-O3", "-ffp-contract=off"]
+    ldflags: list[str] = []
+    if sys.platform.startswith("linux"):
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
+
+
+def _load(what: str, name: str, sources: Optional[list[str]], **kwargs: Any) -> Optional[Any]:
+    if sources is None:
+        warnings.warn(
+            f"zqat_peft: the {what} sources were not found in the cuda_ext/ folder next to the zqat_peft "
+            "package (install the repository with `pip install -e .`); using the PyTorch implementation.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name=name, sources=sources, verbose=False, **kwargs)
+    except Exception as err:  # no compiler / ninja / CUDA toolkit, or a build error
+        first = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {first[0] if first else ''}"
+        warnings.warn(
+            f"zqat_peft: building the {what} ({', '.join(Path(s).name for s in sources)}) with "
+            f"torch.utils.cpp_extension failed ({reason}); using the PyTorch implementation. "
+            f"Set {_DISABLE_ENV}=1 to skip the build.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_noise_ext() -> Optional[Any]:
+    """The CPU ZO-noise extension module, or None (disabled, no sources, or no working compiler).
+
+    Built on the first call (a few tens of seconds, or instant when torch's extension cache holds it);
+    a failure is reported once and remembered for the life of the process.
+    """
+    if extensions_disabled():
+        return None
+    cflags, ldflags = _host_flags()
+    return _load("CPU noise kernel", _CPU_NAME, _sources(_CPU_SOURCES), extra_cflags=cflags, extra_ldflags=ldflags)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_ext() -> Optional[Any]:
+    """The CUDA kernels extension module, or None (disabled, no CUDA device, no sources or no nvcc)."""
+    if extensions_disabled() or not torch.cuda.is_available():
+        return None
+    cflags, ldflags = _host_flags()
+    # --fmad=false: no a * b + c contracted into an FMA (the kernels also spell out __fmul_rn / __fadd_rn).
+    nvcc_flags = ["-O3", "--fmad=false"]
+    return _load(
+        "CUDA kernels",
+        _CUDA_NAME,
+        _sources(_CUDA_SOURCES),
+        extra_cflags=cflags,
+        extra_cuda_cflags=nvcc_flags,
+        extra_ldflags=ldflags,
+    )
+
+
+def packed_linear_cuda(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    in_features: int,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    tile_rows: Optional[int] = None,
+    ext: Optional[Any] = None,
+) -> torch.Tensor:
+    """``x @ W^T + bias`` for a GPTQ-packed ``W`` (``zqat_qweight``, ``zqat_scales``, ``zqat_zeros``) on CUDA.
+
+    A single row of ``x`` (batch-1 decoding) runs the GEMV kernel on the codes. Otherwise the codes are
+    dequantized to ``x``'s dtype into a workspace ``W^T`` [in, out] and multiplied by ``torch.matmul``
+    (cuBLAS); with ``tile_rows`` (a multiple of 32) the workspace holds ``tile_rows`` input rows at a time
+    and the K tiles are accumulated with ``addmm`` (one extra rounding to ``x``'s dtype per tile).
+    ``ext`` defaults to ``cuda_ext()``.
+    """
+    ext = ext if ext is not None else cuda_ext()
+    if ext is None:
+        raise RuntimeError("packed_linear_cuda needs the CUDA extension (see zqat_peft.kernels.cuda_ext)")
+    out_features = qweight.shape[1]
+    scales = scales.detach().float().contiguous()  # the kernels read float32 scales and uint8 zeros
+    zeros = zeros.to(torch.uint8).contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x2.shape[0] == 1:
+        y = torch.empty(out_features, dtype=x.dtype, device=x.device)
+        ext.gemv_packed(x2.reshape(-1).contiguous(), qweight, scales, zeros, bias, y, bits, in_features)
+        return y.view(*lead, out_features)
+    if tile_rows is None or tile_rows >= in_features:
+        wt = torch.empty(in_features, out_features, dtype=x.dtype, device=x.device)
+        ext.dequant_packed(qweight, scales, zeros, wt, bits, in_features, 0)
+        y = x2 @ wt
+    else:
+        if tile_rows <= 0 or tile_rows % 32:
+            raise ValueError(f"tile_rows must be a positive multiple of 32, got {tile_rows}")
+        workspace = torch.empty(tile_rows, out_features, dtype=x.dtype, device=x.device)
+        y = x2.new_zeros(x2.shape[0], out_features)
+        for r0 in range(0, in_features, tile_rows):
+            w = workspace[: min(tile_rows, in_features - r0)]
+            ext.dequant_packed(qweight, scales, zeros, w, bits, in_features, r0)
+            y = torch.addmm(y, x2[:, r0 : r0 + w.shape[0]], w)
+    if bias is not None:
+        y = y + bias
+    return y.view(*lead, out_features)
