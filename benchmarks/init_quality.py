@@ -23,11 +23,11 @@ from zqat_peft.evaluation import encode_joined, perplexity, token_windows
 
 # (name, quantization settings, calibration epochs): ZeroQAT uses ~2 epochs for W4A4, ~4 for W2A16.
 SETTINGS = [
-    ("W2A16g64", dict(w_bits=2, group_size=64), 4),
     ("W3A16g64", dict(w_bits=3, group_size=64), 2),
-    ("W4A16g64", dict(w_bits=4, group_size=64), 2),
     ("W4A4", dict(w_bits=4, a_bits=4, group_size=-1), 2),
     ("W4A4 no smoothing", dict(w_bits=4, a_bits=4, group_size=-1, smooth=False), 2),
+    ("W2A16g64", dict(w_bits=2, group_size=64), 4),
+    ("W4A16g64", dict(w_bits=4, group_size=64), 2),
     ("W4A8", dict(w_bits=4, a_bits=8, group_size=-1), 2),
 ]
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--windows", type=int, default=16, help="512-token test windows evaluated")
-    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--only", nargs="*", help="names of settings to run")
     parser.add_argument("--out", default="benchmarks/results/init_quality.json")
@@ -46,7 +46,7 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args.model, device=device)
     windows = token_windows(encode_joined(tokenizer, load_text("wiki", "test")), 512, args.windows)
     train_ids = encode_joined(tokenizer, load_text("wiki", "train"))
-    calib = zqat_peft.calibration_batches(train_ids, args.calib_samples, args.calib_seq_len, batch_size=4)
+    calib = zqat_peft.calibration_batches(train_ids, args.calib_samples, args.calib_seq_len, batch_size=1)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results["meta"] = {"model": args.model, "device": device, "windows": args.windows, "seq_len": 512,

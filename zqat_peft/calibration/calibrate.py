@@ -12,17 +12,22 @@ block plus the cached hidden states of the calibration set.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..quant import fake_quantize_weight
 from ..tuner.config import ZeroQATConfig
-from ..tuner.layer import ZQATLinear
+from ..tuner.layer import CLIP_INIT_LOGIT, ZQATLinear
 from .blocks import BlockInput, capture_first_block_inputs, find_decoder_blocks, move_input, run_block
 
-CLIP_START_LOGIT = 4.0  # sigmoid(4) = 0.982: OmniQuant's starting point for learnable clipping
+# Clipping starts at the per-group factor (from this grid) that minimises the weight's quantization
+# MSE, then the block's output MSE refines it; at 2 bits the grid alone takes the model from ruined
+# to usable, a bare OmniQuant start (0.98) does not.
+CLIP_GRID = torch.linspace(1.0, 0.3, 15)
 
 
 def calibrate(
@@ -83,15 +88,13 @@ def calibrate_block(
 ) -> None:
     """Learn the block's clipping logits (and smoothing scales), then fold and freeze them."""
     dtype = next(block.parameters()).dtype
-    clips = []
-    for layer in layers:
-        for name in ("zqat_clip_lower", "zqat_clip_upper"):
-            logits = getattr(layer, name)[adapter]
-            logits.data.fill_(CLIP_START_LOGIT)
-            clips.append(logits)
     groups = _smoothing_groups(block, layers, inputs, dtype, adapter, config) if config.smooths else []
     smooth_params = [g.scale for g in groups]
     masters = {layer: layer.zqat_weight[adapter] for layer in layers}
+    with torch.no_grad(), _smoothed(groups, masters, adapter):
+        for layer in layers:
+            init_clipping(layer, adapter)  # on the smoothed weight it will quantize
+    clips = [c for layer in layers for c in (layer.zqat_clip_lower[adapter], layer.zqat_clip_upper[adapter])]
     trainable_state = {p: p.requires_grad for p in masters.values()}
     for p in masters.values():
         p.requires_grad_(False)
@@ -120,6 +123,29 @@ def calibrate_block(
         p.grad = None
     for p, trainable in trainable_state.items():
         p.requires_grad_(trainable)
+
+
+@torch.no_grad()
+def init_clipping(layer: ZQATLinear, adapter: str) -> None:
+    """Set each group's clipping factor to the grid value with the least weight quantization MSE."""
+    spec = layer.zqat_spec[adapter]
+    weight = layer.zqat_weight[adapter].float()
+    out, n_groups = layer.zqat_clip_lower[adapter].shape
+    best_err = torch.full((out, n_groups), float("inf"), device=weight.device)
+    best_logit = torch.zeros(out, n_groups, device=weight.device)
+    for ratio in CLIP_GRID.tolist():
+        logit = torch.full((out, n_groups), _logit(ratio), device=weight.device)
+        fq = fake_quantize_weight(weight, spec.w_bits, spec.group_size, spec.symmetric, logit, logit)
+        err = (fq - weight).pow(2).reshape(out, n_groups, -1).mean(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_logit = torch.where(better, logit, best_logit)
+    layer.zqat_clip_lower[adapter].data.copy_(best_logit)
+    layer.zqat_clip_upper[adapter].data.copy_(best_logit)
+
+
+def _logit(ratio: float) -> float:
+    return CLIP_INIT_LOGIT if ratio >= 1.0 else math.log(ratio / (1.0 - ratio))
 
 
 class _SmoothingGroup:
