@@ -1,5 +1,16 @@
 """Evaluation: paper-style perplexity and lm-eval harness zero-shot tasks."""
 
 from .perplexity import encode_joined, perplexity, token_windows
+from .zeroshot import HEADLINE_METRIC, ZERO_SHOT_TASKS, available_tasks, headline, task_manager, zero_shot
 
-__all__ = ["encode_joined", "perplexity", "token_windows"]
+__all__ = [
+    "HEADLINE_METRIC",
+    "ZERO_SHOT_TASKS",
+    "available_tasks",
+    "encode_joined",
+    "headline",
+    "perplexity",
+    "task_manager",
+    "token_windows",
+    "zero_shot",
+]

@@ -141,8 +141,8 @@ def _quiet(verbose: bool) -> Iterator[None]:
     old_level = lm_logger.level
     lm_logger.setLevel(logging.WARNING)
     drop = _DropMessages()
-    # Filters are not inherited: put one on each logger that emits the noise (and on lm_eval's handlers).
-    noisy = [logging.getLogger(n) for n in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm_eval.evaluator")]
+    # Logger filters do not apply to records of child loggers: one on each logger that emits the noise.
+    noisy = [logging.getLogger(f"lm_eval.{n}") for n in ("api.task", "models.huggingface", "evaluator")]
     for lg in noisy:
         lg.addFilter(drop)
     bars = datasets.utils.logging.is_progress_bar_enabled()

@@ -51,7 +51,7 @@ def load_openbookqa(**kwargs) -> datasets.DatasetDict:
 
 
 def load_boolq(**kwargs) -> datasets.DatasetDict:
-    """google/boolq's columns (question, answer: bool, passage) plus SuperGLUE's ``label`` (0 = no, 1 = yes)."""
+    """google/boolq's columns (question, answer: bool, passage) and SuperGLUE's ``label`` (0 no, 1 yes)."""
     dd = _load("boolq", **kwargs)
     ds = dd["validation"]
     if "label" not in ds.column_names:
@@ -80,8 +80,16 @@ def _hellaswag_doc(doc: dict) -> dict:
     }
 
 
+def _hellaswag_batch(batch: dict) -> dict:
+    docs = [dict(zip(batch, row)) for row in zip(*batch.values())]
+    out = [_hellaswag_doc(doc) for doc in docs]
+    return {key: [o[key] for o in out] for key in ("query", "choices", "gold")}
+
+
 def hellaswag_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
-    return dataset.map(_hellaswag_doc)
+    """lm-eval's HellaSwag documents: adds ``query`` (activity label and context, cleaned), ``choices``
+    (the cleaned endings) and ``gold`` (the label as an int). Batched, as it runs on every evaluation."""
+    return dataset.map(_hellaswag_batch, batched=True, batch_size=1000)
 
 
 # ----------------------------------------------------------------------------------------- WinoGrande
