@@ -2,7 +2,8 @@
 
 A ZO step = two perturbed forwards + the seeded update; its floor is two forwards. Memory: peak of
 a ZO step / peak of a forward (CPU: the process's peak RSS, each measured in a fresh process; GPU:
-torch.cuda.max_memory_allocated). Time: median over repeats, both measured in the same process.
+torch.cuda.max_memory_allocated). Time: median over repeats, forward and ZO step interleaved in the
+same process (so load from elsewhere hits both alike).
 
     python benchmarks/zo_step.py --out benchmarks/results/zo_step_cpu.json
 """
@@ -62,20 +63,22 @@ def measure(args, what: str) -> dict:
         lp, ln = spsa_losses(params, forward, seed, 1e-3)
         zo_update(params, [seed], [float(lp - ln) / 2e-3], 1e-7)
 
-    run = {"forward": lambda i: forward(), "zo": zo_step}[what]
-    run(0)  # warm up
+    runs = {"forward": lambda i: forward(), "zo": zo_step}
+    runs[what](0)  # warm up
     sync(args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    # Both are timed in this one process, interleaved, so load from elsewhere hits both alike.
+    times = {"forward": [], "zo": []}
     for i in range(args.repeats):
-        start = time.perf_counter()
-        run(i + 1)
-        sync(args.device)
-        times.append(time.perf_counter() - start)
+        for name in ([what] if what == "forward" else ["forward", "zo"]):
+            start = time.perf_counter()
+            runs[name](i + 1)
+            sync(args.device)
+            times[name].append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"seconds": statistics.median(times), "peak_bytes": peak,
+    return {"seconds": {k: statistics.median(v) for k, v in times.items() if v}, "peak_bytes": peak,
             "trained_params": sum(p.param.numel() for p in params)}
 
 
@@ -90,10 +93,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--out", default="benchmarks/results/zo_step.json")
     parser.add_argument("--child", choices=["forward", "zo"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(args, args.child)))
         return
@@ -103,10 +109,12 @@ def main() -> None:
         for what in ("forward", "zo"):
             cmd = [sys.executable, __file__, "--child", what, "--mode", mode] + _forward_args(args)
             row[what] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        row["time_ratio"] = row["zo"]["seconds"] / row["forward"]["seconds"]
+        seconds = row["zo"]["seconds"]  # forward and ZO step timed together in the ZO process
+        row["forward_seconds"], row["zo_seconds"] = seconds["forward"], seconds["zo"]
+        row["time_ratio"] = seconds["zo"] / seconds["forward"]
         row["memory_ratio"] = row["zo"]["peak_bytes"] / row["forward"]["peak_bytes"]
         rows[mode] = row
-        print(f"{mode:12s} forward {row['forward']['seconds']:.3f} s  ZO step {row['zo']['seconds']:.3f} s  "
+        print(f"{mode:12s} forward {row['forward_seconds']:.3f} s  ZO step {row['zo_seconds']:.3f} s  "
               f"time x{row['time_ratio']:.2f}  peak x{row['memory_ratio']:.3f}  "
               f"({row['zo']['trained_params'] / 1e6:.1f} M trained)", flush=True)
     meta = {k: v for k, v in vars(args).items() if k not in ("child", "mode", "out")}
@@ -119,7 +127,7 @@ def main() -> None:
 def _forward_args(args) -> list[str]:
     return ["--shape", args.shape, "--w-bits", str(args.w_bits), "--group-size", str(args.group_size),
             "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
-            "--repeats", str(args.repeats), "--device", args.device]
+            "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,317 @@
+"""The main job (zqat_peft.pipeline) and the zqat command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from zqat_peft import cli, pipeline
+from zqat_peft.pipeline import RecipeError, load_recipe
+
+from .conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def test_recipe_file_and_overrides_update_the_defaults(tmp_path):
+    path = _write(tmp_path / "mine.yaml", {"quant": {"w_bits": 3, "group_size": 64}, "train": {"steps": 7}})
+    recipe = load_recipe(path, ["train.lr=2e-5", "eval.tasks=[piqa, boolq]", "quant.group_size=-1", "seed=3"])
+    assert recipe["name"] == "mine"  # the file's name
+    assert recipe["quant"]["w_bits"] == 3 and recipe["quant"]["group_size"] == -1
+    assert recipe["train"]["steps"] == 7
+    assert recipe["train"]["lr"] == 2e-5 and isinstance(recipe["train"]["lr"], float)  # not YAML 1.1's string
+    assert recipe["eval"]["tasks"] == ["piqa", "boolq"] and recipe["seed"] == 3
+    assert recipe["train"]["eps"] == pipeline.default_recipe()["train"]["eps"]  # untouched keys keep defaults
+    assert pipeline.output_dir(recipe) == Path("runs") / "mine"
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_unknown_key_is_one_line_listing_the_valid_keys(tmp_path, where):
+    path = _write(tmp_path / "r.yaml", {"train": {"stepz": 3}} if where == "file" else {})
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["train.stepz=3"] if where == "override" else [])
+    message = str(info.value)
+    assert "'train.stepz'" in message and "train.steps" in message and "quant.w_bits" in message
+    assert "\n" not in message
+
+
+def test_bad_overrides_and_values_are_refused(tmp_path):
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe(None, ["train.steps"])
+    with pytest.raises(RecipeError, match="section"):
+        load_recipe(None, ["quant=3"])
+    with pytest.raises(ValueError, match="w_bits"):
+        load_recipe(None, ["quant.w_bits=5"])
+    with pytest.raises(RecipeError, match="task"):
+        load_recipe(None, ["task=sst2"])
+    with pytest.raises(RecipeError, match="eval.tasks"):
+        load_recipe(None, ["eval.tasks=[piqa, no_such_task]"])
+    with pytest.raises(FileNotFoundError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_load(path):
+    recipe = load_recipe(path)
+    assert recipe["name"] == path.stem
+    pipeline.quant_config(recipe)
+
+
+def test_demo_recipe_is_the_w3a16g64_calibrated_job():
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
+    q = recipe["quant"]
+    assert (q["w_bits"], q["a_bits"], q["group_size"], q["trainable"], q["init"]) == (3, 16, 64, "full", "calibrate")
+    assert recipe["model"] == "smollm2-135m" and not recipe["eval"]["tasks"]
+    assert pipeline.required_assets(recipe) == ["model", "wiki"]
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+
+    def half_written(tmp: Path) -> None:
+        tmp.write_text("{")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        pipeline._atomic(target, half_written)
+    assert list(tmp_path.iterdir()) == []
+    pipeline.write_text(target, "{}")
+    assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_failed_run_is_never_marked_done(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "DONE").write_text("an earlier run")
+    monkeypatch.setattr(pipeline, "load_base", lambda recipe, device: (tiny_model(), None))
+
+    def crash(recipe, tokenizer):
+        raise RuntimeError("crash while preparing the data")
+
+    monkeypatch.setattr(pipeline, "prepare_data", crash)
+    recipe = load_recipe(None, [f"output_dir={out}"])
+    with pytest.raises(RuntimeError, match="crash"):
+        pipeline.run(recipe)
+    assert not pipeline.is_done(out)
+    assert yaml.safe_load((out / "config.yaml").read_text()) == recipe
+    assert not (out / "metrics.json").exists() and not (out / "report.md").exists()
+
+
+def test_metrics_table_has_a_row_per_metric_and_a_column_per_stage():
+    table = pipeline.metrics_table({"fp": {"wiki_ppl": 20.8, "piqa": 0.61}, "rtn": {"wiki_ppl": 68.5, "piqa": 0.55},
+                                    "init": {"wiki_ppl": 58.7}, "zeroqat": {"wiki_ppl": 55.2}})
+    lines = table.splitlines()
+    assert lines[0] == "| metric | fp | rtn | init | zeroqat |"
+    assert lines[2] == "| wiki_ppl | 20.80 | 68.50 | 58.70 | 55.20 |"
+    assert lines[3] == "| piqa | 0.6100 | 0.5500 | - | - |"
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _zqat(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zqat_peft.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("zqat: error: ")
+    for needle in needles:
+        assert needle in last
+
+
+def test_cli_unknown_key_and_missing_recipe_fail_in_one_line(tmp_path):
+    path = _write(tmp_path / "r.yaml", {"train": {"steps": 1}})
+    _assert_one_line_error(_zqat("train", "--recipe", str(path), "train.stepz=3", cwd=tmp_path),
+                           "unknown recipe key 'train.stepz'", "valid keys")
+    _assert_one_line_error(_zqat("train", "--recipe", "no_such_recipe.yaml", cwd=tmp_path),
+                           "recipe file not found")
+
+
+def test_cli_missing_adapter_fails_in_one_line(tmp_path, capsys):
+    assert cli.main(["eval", "--adapter", str(tmp_path / "no_adapter")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zqat: error: ") and "no_adapter" in err and err.count("\n") == 1
+
+
+def test_cli_unreachable_hub_model_fails_in_one_line_without_done(tmp_path):
+    out = tmp_path / "hub_run"
+    path = _write(tmp_path / "hub.yaml", {"model": "no-such-org/no-such-model", "output_dir": str(out),
+                                          "eval": {"corpora": {}}})
+    # Offline mode stands for "no network" without waiting for the Hub client's retries.
+    proc = _zqat("train", "--recipe", str(path), cwd=tmp_path, HF_HUB_OFFLINE="1")
+    _assert_one_line_error(proc, "cannot load the model 'no-such-org/no-such-model'")
+    assert not pipeline.is_done(out)
+
+
+def test_export_folds_smoothing_scales_into_the_weights(monkeypatch):
+    from peft import get_peft_model
+
+    from zqat_peft import ZeroQATConfig, calibrate, calibration_batches
+    from zqat_peft.tuner import layer as layer_module
+
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=8, a_bits=8, group_size=32, init="calibrate",
+                                                       calib_epochs=1))
+    gen = torch.Generator().manual_seed(0)
+    calibrate(model, calibration_batches(torch.randint(0, 256, (2000,), generator=gen), 4, 32, 2), progress=False)
+    # A plain checkpoint cannot quantize activations: compare the weight side only.
+    monkeypatch.setattr(layer_module, "fake_quantize_activation", lambda x, *args, **kwargs: x)
+    ids = torch.randint(0, 256, (2, 16), generator=gen)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        merged, smoothed = pipeline.merge_for_export(model)
+        assert smoothed and type(merged).__name__ == "LlamaForCausalLM"
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- a tiny model, real data
+
+
+def _real_assets(*names: str) -> bool:
+    from zqat_peft.data import is_complete
+
+    return all(is_complete(name) for name in names)
+
+
+needs_model_and_wiki = pytest.mark.skipif(
+    not _real_assets("model", "wiki"), reason="the real model and wiki are not fetched (run `zqat fetch model wiki`)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_local_model(tmp_path_factory) -> Path:
+    """A randomly initialized 2-block Llama with SmolLM2's tokenizer, saved as a local folder: the whole
+    job runs on it in seconds."""
+    import transformers
+
+    from zqat_peft.data import resolve_model_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path())
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-smollm")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@needs_model_and_wiki
+def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", f"output_dir={out}",
+        "quant={w_bits: 3, a_bits: 8, group_size: 64, trainable: full, init: calibrate, calib_epochs: 1, smooth: false}",
+        "calibration={n_samples: 4, seq_len: 64, batch_size: 2}",
+        "train={steps: 2, batch_size: 2, seq_len: 32, logging_steps: 1}",
+        "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
+    ])
+    result = pipeline.run(recipe)
+    metrics = result["metrics"]
+    assert pipeline.is_done(out) and "calibration" in result["timings"]
+    assert metrics["init"] != metrics["rtn"]  # calibrated
+
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out / "adapter"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["wiki_ppl"] == pytest.approx(metrics["zeroqat"]["wiki_ppl"], rel=1e-6)
+
+    merged_dir = tmp_path / "merged"
+    assert cli.main(["export", "--adapter", str(out / "adapter"), "--out", str(merged_dir)]) == 0
+    assert "activation quantization" in capsys.readouterr().err  # a_bits=8 is not part of the checkpoint
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not any("zqat" in name for name, _ in merged.named_parameters())
+    for name, module in merged.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            groups = module.weight.detach().reshape(-1, 64)
+            assert max(len(torch.unique(g)) for g in groups) <= 2 ** 3, name  # on the W3 g64 grid
+    assert (merged_dir / "tokenizer.json").is_file()
+    assert cli.main(["export", "--adapter", str(out / "adapter"), "--out", str(merged_dir)]) == 2
+
+
+@pytest.mark.skipif(not _real_assets("model", "tasks"), reason="the model's tokenizer and BoolQ are not fetched")
+def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", f"output_dir={tmp_path / 'boolq'}", "task=boolq",
+        "quant={w_bits: 4, group_size: 64, trainable: lightweight, init: rtn}",
+        "train={steps: 2, batch_size: 2, logging_steps: 1}",
+        "finetune={n_train: 6, n_val: 2, n_test: 6, max_length: 96, eval_batch_size: 4}",
+        "eval.corpora={}",
+    ])
+    splits = pipeline.boolq_splits(recipe)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [6, 2, 6]
+    questions = [row["question"] for split in splits.values() for row in split]
+    assert len(set(questions)) == len(questions)  # disjoint
+    assert pipeline.boolq_splits(recipe) == splits  # fixed by the seed
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_local_model)
+    example = pipeline.answer_example(tokenizer, splits["train"][0], max_length=96, answer=" yes")
+    assert len(example["input_ids"]) <= 96
+    answer = [t for t in example["labels"] if t != -100]
+    assert tokenizer.decode(answer) == " yes" and example["labels"][-len(answer):] == answer
+
+    metrics = pipeline.run(recipe)["metrics"]
+    for stage in pipeline.STAGES:
+        assert list(metrics[stage]) == ["boolq_acc"] and 0.0 <= metrics[stage]["boolq_acc"] <= 1.0
+
+
+# ------------------------------------------------------------------------------- the real model
+
+
+@needs_model_and_wiki
+def test_end_to_end_on_the_real_model(tmp_path):
+    from peft import PeftModel
+
+    from zqat_peft.data import load_model_and_tokenizer
+
+    out = tmp_path / "tiny"
+    recipe = load_recipe(None, [
+        "name=tiny", f"output_dir={out}",
+        "quant={w_bits: 4, a_bits: 16, group_size: 64, trainable: lightweight, init: rtn}",
+        "train={steps: 3, batch_size: 2, seq_len: 64, logging_steps: 1}",
+        "eval={corpora: {wiki: wiki}, seq_len: 128, max_windows: 2, batch_size: 2, tasks: []}",
+    ])
+    result = pipeline.run(recipe)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == result["metrics"] and list(metrics) == ["fp", "rtn", "init", "zeroqat"]
+    assert metrics["init"] == metrics["rtn"]  # init: rtn
+    assert metrics["fp"]["wiki_ppl"] < metrics["rtn"]["wiki_ppl"] < 1e3
+    for name in ("config.yaml", "metrics.json", "timings.json", "loss_curve.png", "report.md", "DONE",
+                 "adapter/adapter_config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| wiki_ppl |" in (out / "report.md").read_text()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+    # A fresh base model with the saved adapter scores exactly what the run measured.
+    base, tokenizer = load_model_and_tokenizer()
+    loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
+    again = pipeline.evaluate(loaded, tokenizer, recipe, pipeline.prepare_eval_data(recipe, tokenizer))
+    assert again["wiki_ppl"] == pytest.approx(metrics["zeroqat"]["wiki_ppl"], rel=1e-6)

@@ -1,0 +1,189 @@
+"""The ``zqat`` command: fetch assets, run a recipe, evaluate or export an adapter, run the demo.
+
+    zqat fetch [model wiki lee austen tasks]
+    zqat train --recipe recipes/NAME.yaml [key=value ...]
+    zqat eval --adapter runs/NAME/adapter [--recipe recipes/NAME.yaml] [key=value ...]
+    zqat export --adapter runs/NAME/adapter --out DIR
+    zqat demo [key=value ...]
+
+Expected failures (an unknown recipe key, a missing file, a model that cannot be fetched here) end with
+one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from .data import ASSETS, fetch
+from .pipeline import (
+    AssetError, evaluate, load_adapter, load_recipe, merge_for_export, metrics_table, pick_device, prepare_eval_data,
+    required_assets, run,
+)
+from .zo import ZODivergenceError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """An expected failure, reported as one line."""
+
+
+# What a user can cause and fix: reported in one line. Anything else is a bug and raises.
+EXPECTED_ERRORS = (UsageError, ValueError, OSError, yaml.YAMLError, FloatingPointError, AssetError, ZODivergenceError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except EXPECTED_ERRORS as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"zqat: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zqat", description="ZeroQAT: quantization-aware training with zeroth-order gradients.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="download and prepare models, corpora and zero-shot task data")
+    f.add_argument("what", nargs="*", help="assets: model wiki lee austen tasks (default: all)")
+    f.set_defaults(func=cmd_fetch)
+
+    t = sub.add_parser("train", help="run a recipe: FP / RTN / init / ZeroQAT evaluation, into runs/NAME/")
+    t.add_argument("--recipe", required=True, help="recipes/NAME.yaml (or just NAME)")
+    t.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=50")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a saved adapter")
+    e.add_argument("--adapter", required=True, help="an adapter folder, e.g. runs/NAME/adapter")
+    e.add_argument("--recipe", help="recipe for the model and the evaluation (default: the run's config.yaml)")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. eval.max_windows=8")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="merge an adapter into a plain transformers checkpoint")
+    x.add_argument("--adapter", required=True, help="an adapter folder, e.g. runs/NAME/adapter")
+    x.add_argument("--out", required=True, help="folder for the merged checkpoint (must not exist)")
+    x.add_argument("--recipe", help="recipe naming the base model (default: the run's config.yaml)")
+    x.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="fetch what is needed, run recipes/demo.yaml and print the table")
+    d.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    try:
+        paths = fetch(args.what or ASSETS)
+    except RuntimeError as e:
+        raise UsageError(str(e)) from e
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    _train(load_recipe(find_recipe(args.recipe), args.overrides))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    _train(load_recipe(find_recipe("demo"), args.overrides))
+
+
+def _train(recipe: dict) -> None:
+    try:
+        fetch(required_assets(recipe))
+    except RuntimeError as e:
+        raise UsageError(str(e)) from e
+    result = run(recipe)
+    out = Path(result["output_dir"])
+    print(metrics_table(result["metrics"]))
+    print(f"\nwall time {result['timings']['total']:.0f} s; report: {out / 'report.md'}; adapter: {out / 'adapter'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    recipe = adapter_recipe(args.adapter, args.recipe, args.overrides)
+    model, tokenizer = load_adapter(recipe, args.adapter, pick_device())
+    metrics = evaluate(model, tokenizer, recipe, prepare_eval_data(recipe, tokenizer))
+    print(json.dumps(metrics, indent=2) if args.json else metrics_table({"adapter": metrics}))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"{out} already exists; choose a new folder for the merged checkpoint")
+    recipe = adapter_recipe(args.adapter, args.recipe, ())
+    model, tokenizer = load_adapter(recipe, args.adapter, "cpu")
+    merged, smoothed = merge_for_export(model)
+    q = recipe["quant"]
+    if q["a_bits"] < 16 or q["kv_bits"] < 16:
+        print(f"zqat: warning: activation quantization (a_bits={q['a_bits']}, kv_bits={q['kv_bits']}) is not part of a "
+              "plain checkpoint: the exported model runs its activations in full precision", file=sys.stderr)
+    if smoothed:
+        print("zqat: warning: the smoothing scales were folded into the weights (W' = Q(W s) / s per input channel), "
+              "so they lie on the grid only up to a per-input-channel scale", file=sys.stderr)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported a plain transformers checkpoint (W{q['w_bits']} weights, group size {q['group_size']}) to {out}")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path as given, else ``recipes/NAME.yaml`` here or in the source checkout."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        candidate = root / "recipes" / Path(stem).name
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"recipe file not found: {name}")
+
+
+def adapter_recipe(adapter: str, recipe: Optional[str], overrides: Sequence[str]) -> dict:
+    """The recipe to rebuild an adapter's base model with: ``--recipe``, else the run's ``config.yaml``
+    next to the adapter, else the defaults with the base model named in ``adapter_config.json``."""
+    if recipe is not None:
+        return load_recipe(find_recipe(recipe), overrides)
+    run_config = Path(adapter).parent / "config.yaml"
+    if run_config.is_file():
+        return load_recipe(run_config, overrides)
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no adapter in {adapter} (no adapter_config.json); expected e.g. runs/NAME/adapter")
+    config = json.loads(config_file.read_text())
+    result = load_recipe(None, overrides)
+    if config.get("base_model_name_or_path") and not any(o.startswith("model=") for o in overrides):
+        result["model"] = config["base_model_name_or_path"]
+    for key in ("w_bits", "a_bits", "kv_bits", "group_size"):  # for export's messages
+        result["quant"][key] = config.get(key, result["quant"][key])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

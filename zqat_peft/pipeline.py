@@ -1,0 +1,572 @@
+"""The main job: evaluate a model in full precision, RTN-quantized, initialized (calibrated) and ZeroQAT-trained.
+
+A *recipe* (YAML, see ``recipes/``) says which model, how to quantize, calibrate, train and evaluate.
+``run(recipe)`` writes everything into ``runs/NAME/`` (or the recipe's ``output_dir``)::
+
+    config.yaml      the resolved recipe
+    metrics.json     {"fp": {...}, "rtn": {...}, "init": {...}, "zeroqat": {...}}
+    timings.json     seconds per stage
+    loss_curve.png   the ZO training loss
+    report.md        the metrics table, the settings and the timings
+    adapter/         the trained adapter (PeftModel.from_pretrained(base, "runs/NAME/adapter"))
+    DONE             written last: a run without it did not finish
+
+Two kinds of job: language modelling (``task: null``; ZO training on fixed-length windows of
+``train.data``), and fine-tuning (``task: boolq``; MeZO's protocol: 1000 train / 500 validation / 1000
+test questions drawn from BoolQ's validation split with a fixed seed, the loss on the answer tokens only,
+accuracy = " yes" vs " no" by log-likelihood on the test questions).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import yaml
+from peft import PeftModel, get_peft_model
+
+from .calibration import calibrate, calibration_batches
+from .data import ASSETS, MODELS, TEXT_CORPORA, load_model_and_tokenizer, load_text, task_data_dir
+from .evaluation import encode_joined, perplexity, token_windows
+from .evaluation.zeroshot import available_tasks
+from .tuner import ZeroQATConfig, ZQATLinear
+from .zo import ZOTrainer, ZOTrainingArguments
+
+STAGES = ("fp", "rtn", "init", "zeroqat")
+SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
+TASKS = ("boolq",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_KEYS = (
+    "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
+    "trainable_modules", "init", "smooth", "calib_epochs", "calib_lr", "calib_smooth_lr", "calib_alpha",
+)
+BOOLQ_PROMPT = "{passage}\nQuestion: {question}?\nAnswer:"
+ANSWERS = (" no", " yes")  # index = the label (BoolQ's `answer` as an int)
+
+
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used as written (unknown key, bad value)."""
+
+
+class AssetError(RuntimeError):
+    """A model or a corpus that cannot be had here (no network, failed fetch)."""
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def default_recipe() -> dict:
+    """Every recipe key with its default value; a recipe file or an override changes some of them."""
+    quant = ZeroQATConfig()
+    return {
+        "name": None,  # default: the recipe file's name
+        "output_dir": None,  # default: runs/NAME
+        "model": "smollm2-135m",  # a zqat_peft.data model name, a local folder or a Hub id
+        "dtype": "float32",
+        "seed": 0,
+        "task": None,  # None: language modelling; "boolq": fine-tuning
+        "quant": {k: copy.deepcopy(getattr(quant, k)) for k in QUANT_KEYS},  # ZeroQATConfig fields
+        "calibration": {"data": "wiki", "n_samples": 32, "seq_len": 256, "batch_size": 4},
+        "train": {
+            "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
+            "grad_clip": None, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "logging_steps": 10,
+            "bf16": False,
+        },
+        "eval": {
+            "corpora": {"wiki": "wiki", "lee": "lee", "austen": "austen"},  # metric prefix -> corpus
+            "split": "test", "seq_len": 512, "max_windows": None, "batch_size": 4,
+            "tasks": [], "limit": None, "zero_shot_batch_size": 8,
+        },
+        "finetune": {"n_train": 1000, "n_val": 500, "n_test": 1000, "max_length": 512, "eval_batch_size": 8},
+    }
+
+
+def valid_keys() -> list[str]:
+    """The dotted recipe keys, e.g. ``train.lr``."""
+    keys = []
+    for key, value in default_recipe().items():
+        keys += [f"{key}.{sub}" for sub in value] if key in SECTIONS else [key]
+    return keys
+
+
+def load_recipe(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> dict:
+    """The defaults, updated by the YAML file at ``path`` and then by ``key=value`` overrides
+    (dotted keys, YAML-typed values: ``train.lr=2e-5``, ``eval.tasks=[piqa]``)."""
+    recipe = default_recipe()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {path}")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping of keys to values")
+        for key, value in loaded.items():
+            _apply(recipe, str(key), value)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise RecipeError(f"override {item!r} is not of the form key=value")
+        _apply(recipe, key.strip(), yaml.safe_load(raw))
+    if recipe["name"] is None:
+        recipe["name"] = Path(path).stem if path is not None else "run"
+    check_recipe(recipe)
+    return recipe
+
+
+def _apply(recipe: dict, key: str, value: Any) -> None:
+    """Set one key; a mapping given to a section (``quant: {w_bits: 3}``) sets each of its keys."""
+    if key in SECTIONS and isinstance(value, dict):
+        for sub, v in value.items():
+            _set(recipe, f"{key}.{sub}", v)
+    else:
+        _set(recipe, key, value)
+
+
+def _set(recipe: dict, key: str, value: Any) -> None:
+    keys = valid_keys()
+    if key not in keys:
+        hint = f" ({key} is a section: set its keys, e.g. {key}.{next(iter(recipe[key]))})" if key in SECTIONS else ""
+        raise RecipeError(f"unknown recipe key {key!r}{hint}; valid keys: {', '.join(keys)}")
+    if isinstance(value, str) and _SCIENTIFIC.match(value):
+        value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+    section, _, sub = key.partition(".")
+    if sub:
+        recipe[section][sub] = value
+    else:
+        recipe[section] = value
+
+
+def check_recipe(recipe: dict) -> None:
+    """Refuse values the job cannot use, before any model is loaded."""
+    if recipe["task"] not in (None, *TASKS):
+        raise RecipeError(f"task must be null (language modelling) or one of {TASKS}, got {recipe['task']!r}")
+    if recipe["dtype"] not in DTYPES:
+        raise RecipeError(f"dtype must be one of {tuple(DTYPES)}, got {recipe['dtype']!r}")
+    if not isinstance(recipe["eval"]["corpora"], dict):
+        raise RecipeError("eval.corpora must be a mapping of metric prefix to corpus, e.g. {wiki: wiki}")
+    known = available_tasks()
+    tasks = recipe["eval"]["tasks"]
+    if not isinstance(tasks, list) or any(t not in known for t in tasks):
+        raise RecipeError(f"eval.tasks must be a list of zero-shot tasks among {', '.join(known)}; got {tasks!r}")
+    quant_config(recipe)  # ZeroQATConfig checks the quantization settings
+
+
+def quant_config(recipe: dict, **changes: Any) -> ZeroQATConfig:
+    return ZeroQATConfig(**{**recipe["quant"], **changes})
+
+
+def output_dir(recipe: dict) -> Path:
+    return Path(recipe["output_dir"] or Path("runs") / recipe["name"])
+
+
+def required_assets(recipe: dict) -> list[str]:
+    """The zqat_peft.data assets the recipe reads (fetched before the job starts)."""
+    names = {"model"} if str(recipe["model"]).lower() in MODELS else set()
+    sources = list(recipe["eval"]["corpora"].values())
+    if recipe["task"] is None:
+        sources.append(recipe["train"]["data"])
+    if recipe["quant"]["init"] == "calibrate":
+        sources.append(recipe["calibration"]["data"])
+    names |= {s for s in sources if s in TEXT_CORPORA}
+    if recipe["eval"]["tasks"] or recipe["task"]:
+        names.add("tasks")
+    return [a for a in ASSETS if a in names]
+
+
+# --------------------------------------------------------------------------------------- models, data
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(recipe: dict, device: str):
+    """``(model, tokenizer)`` of the recipe's model; one clear error when it cannot be had here."""
+    try:
+        return load_model_and_tokenizer(recipe["model"], dtype=DTYPES[recipe["dtype"]], device=device)
+    except (OSError, RuntimeError) as e:  # a Hub id without network, a failed fetch
+        raise AssetError(f"cannot load the model {recipe['model']!r}: {_one_line(e)}") from e
+
+
+def quantized_model(recipe: dict, device: str, init: str):
+    """A fresh copy of the base model wrapped by ZeroQAT with the recipe's settings and ``init``."""
+    base, tokenizer = load_base(recipe, device)
+    return get_peft_model(base, quant_config(recipe, init=init)), tokenizer
+
+
+def load_adapter(recipe: dict, adapter_dir: str | os.PathLike, device: str):
+    """The base model with a saved ZeroQAT adapter, in eval mode."""
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no adapter in {adapter_dir} (no adapter_config.json); expected e.g. runs/NAME/adapter")
+    base, tokenizer = load_base(recipe, device)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tokenizer
+
+
+@torch.no_grad()
+def merge_for_export(model) -> tuple[torch.nn.Module, bool]:
+    """``merge_and_unload()`` into a plain transformers model; returns it and whether smoothing scales were
+    folded in. A smoothed layer computes (x / s) @ Q(W s)^T; a plain Linear has no input scale, so its
+    merged weight becomes Q(W s) diag(1/s) (the same function; on the grid up to a per-input-channel scale)."""
+    base = model.get_base_model()
+    input_scales = {name: scale.detach().clone() for name, layer in base.named_modules()
+                    if isinstance(layer, ZQATLinear) for scale in layer.zqat_input_scale.values()}
+    merged = model.merge_and_unload()
+    for name, scale in input_scales.items():
+        weight = merged.get_submodule(name).weight
+        weight.mul_(scale.to(weight.device, weight.dtype))
+    smoothed = any(not torch.all(scale == 1) for scale in input_scales.values())
+    return merged, smoothed
+
+
+def corpus_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
+    try:
+        return encode_joined(tokenizer, load_text(source, split))
+    except RuntimeError as e:  # a corpus that could not be fetched, a dataset id without network
+        raise AssetError(f"cannot load the corpus {source!r}: {_one_line(e)}") from e
+
+
+def eval_windows(recipe: dict, tokenizer) -> dict[str, torch.Tensor]:
+    """The fixed perplexity windows of each evaluation corpus; optional corpora that cannot be had are
+    skipped with a message (wiki is required)."""
+    ev, out = recipe["eval"], {}
+    for key, source in ev["corpora"].items():
+        try:
+            ids = corpus_tokens(tokenizer, source, ev["split"])
+        except AssetError as e:
+            if key == "wiki":
+                raise
+            _log(f"skipping {key}_ppl: {e}")
+            continue
+        out[key] = token_windows(ids, ev["seq_len"], ev["max_windows"])
+    return out
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Fixed-length windows of a token stream as causal-LM examples (labels = the input ids)."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.windows[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def prepare_eval_data(recipe: dict, tokenizer) -> dict[str, Any]:
+    """What ``evaluate`` reads: the perplexity windows, and the fine-tuning task's test questions."""
+    data: dict[str, Any] = {"windows": eval_windows(recipe, tokenizer)}
+    if recipe["task"] == "boolq":
+        data["test"] = boolq_splits(recipe)["test"]
+    return data
+
+
+def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
+    """Everything the stages read: the evaluation data, calibration batches, the training set."""
+    data = prepare_eval_data(recipe, tokenizer)
+    if recipe["quant"]["init"] == "calibrate":
+        c = recipe["calibration"]
+        data["calibration"] = calibration_batches(corpus_tokens(tokenizer, c["data"], "train"), c["n_samples"],
+                                                  c["seq_len"], c["batch_size"], recipe["seed"])
+    if recipe["task"] == "boolq":
+        max_length = recipe["finetune"]["max_length"]
+        data["train"] = [answer_example(tokenizer, row, max_length) for row in boolq_splits(recipe)["train"]]
+        data["collator"] = PadCollator(tokenizer.pad_token_id)
+    else:
+        t = recipe["train"]
+        data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"]))
+        data["collator"] = None  # transformers' default: the windows have one length
+    return data
+
+
+# ---------------------------------------------------------------------------------------- BoolQ
+
+
+def boolq_splits(recipe: dict) -> dict[str, list[dict]]:
+    """MeZO's protocol: disjoint train / validation / test questions drawn from BoolQ's validation split
+    in an order fixed by the recipe's seed."""
+    import datasets
+
+    f = recipe["finetune"]
+    ds = datasets.load_from_disk(str(task_data_dir("boolq")))
+    n_train, n_val, n_test = f["n_train"], f["n_val"], f["n_test"]
+    if n_train + n_val + n_test > len(ds):
+        raise RecipeError(f"finetune asks for {n_train + n_val + n_test} BoolQ questions; the split has {len(ds)}")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(recipe["seed"])).tolist()
+    rows = [ds[i] for i in order[:n_train + n_val + n_test]]
+    return {"train": rows[:n_train], "validation": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
+
+
+def answer_example(tokenizer, row: dict, max_length: int, answer: Optional[str] = None) -> dict[str, list[int]]:
+    """Prompt + answer tokens (the passage cut from the left to fit ``max_length``); labels only on the answer."""
+    answer = ANSWERS[int(row["answer"])] if answer is None else answer
+    prompt = BOOLQ_PROMPT.format(passage=row["passage"], question=row["question"])
+    n_prompt = len(tokenizer(prompt).input_ids)
+    ids = tokenizer(prompt + answer).input_ids
+    n_answer = max(1, len(ids) - n_prompt)
+    ids = ids[-max_length:]
+    return {"input_ids": ids, "labels": [-100] * (len(ids) - n_answer) + ids[-n_answer:]}
+
+
+class PadCollator:
+    """Right-pads examples of different lengths (labels with -100)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(e["input_ids"]) for e in examples)
+
+        def pad(seq: list[int], value: int) -> list[int]:
+            return list(seq) + [value] * (n - len(seq))
+
+        return {
+            "input_ids": torch.tensor([pad(e["input_ids"], self.pad_id) for e in examples]),
+            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
+            "labels": torch.tensor([pad(e["labels"], -100) for e in examples]),
+        }
+
+
+@torch.no_grad()
+def answer_log_likelihoods(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each example's labelled tokens."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(len(labels), device=device).index_add_(0, rows, -nll)
+
+
+def yes_no_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch_size: int) -> float:
+    """Share of questions where the right answer (" yes" / " no") has the higher log-likelihood."""
+    was_training = model.training
+    model.eval()
+    examples = [answer_example(tokenizer, row, max_length, a) for row in rows for a in ANSWERS]
+    collate = PadCollator(tokenizer.pad_token_id)
+    scores = torch.cat([answer_log_likelihoods(model, collate(examples[i:i + batch_size])).cpu()
+                        for i in range(0, len(examples), batch_size)])
+    model.train(was_training)
+    predictions = scores.view(-1, len(ANSWERS)).argmax(dim=1)
+    labels = torch.tensor([int(row["answer"]) for row in rows])
+    return (predictions == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------- evaluate, train
+
+
+def evaluate(model, tokenizer, recipe: dict, data: dict) -> dict[str, float]:
+    """Perplexity on each evaluation corpus, zero-shot accuracy per task, fine-tuning accuracy."""
+    ev = recipe["eval"]
+    metrics = {f"{key}_ppl": perplexity(model, windows, ev["batch_size"]) for key, windows in data["windows"].items()}
+    if ev["tasks"]:
+        from .evaluation.zeroshot import headline, zero_shot
+
+        accs = headline(zero_shot(model, tokenizer, ev["tasks"], limit=ev["limit"],
+                                  batch_size=ev["zero_shot_batch_size"]))
+        metrics.update(accs)
+        if len(accs) > 1:
+            metrics["zero_shot_avg"] = sum(accs.values()) / len(accs)
+    if recipe["task"]:
+        f = recipe["finetune"]
+        metrics[f"{recipe['task']}_acc"] = yes_no_accuracy(model, tokenizer, data["test"], f["max_length"],
+                                                           f["eval_batch_size"])
+    _log("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+    return metrics
+
+
+def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[dict]:
+    """ZO-train the model in place with ZOTrainer; returns the trainer's log history."""
+    t = recipe["train"]
+    args = ZOTrainingArguments(
+        output_dir=str(work_dir), max_steps=t["steps"], per_device_train_batch_size=t["batch_size"],
+        learning_rate=t["lr"], lr_scheduler_type=t["scheduler"], warmup_steps=t["warmup_steps"],
+        weight_decay=t["weight_decay"], zo_eps=t["eps"], zo_num_queries=t["num_queries"], zo_grad_clip=t["grad_clip"],
+        logging_steps=t["logging_steps"], save_strategy="no", report_to=[], seed=recipe["seed"], bf16=t["bf16"],
+        use_cpu=device == "cpu", dataloader_num_workers=0,
+    )
+    trainer = ZOTrainer(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"])
+    trainer.train()
+    return trainer.state.log_history
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+def run(recipe: dict) -> dict[str, Any]:
+    """The whole job; returns ``{"output_dir", "metrics", "timings"}`` (also written to the output folder)."""
+    out = output_dir(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "DONE").unlink(missing_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    device, timings, metrics = pick_device(), {}, {}
+    start = time.perf_counter()
+    with _timed("data", timings):
+        model, tokenizer = load_base(recipe, device)
+        data = prepare_data(recipe, tokenizer)
+    with _timed("fp", timings):
+        metrics["fp"] = evaluate(model, tokenizer, recipe, data)
+    del model
+    with _timed("rtn", timings):
+        model, _ = quantized_model(recipe, device, "rtn")
+        metrics["rtn"] = evaluate(model, tokenizer, recipe, data)
+    if recipe["quant"]["init"] == "calibrate":
+        del model
+        with _timed("calibration", timings):
+            model, _ = quantized_model(recipe, device, "calibrate")
+            calibrate(model, data["calibration"])
+        with _timed("init", timings):
+            metrics["init"] = evaluate(model, tokenizer, recipe, data)
+    else:  # the RTN model is the initialization
+        metrics["init"] = dict(metrics["rtn"])
+    with _timed("train", timings):
+        history = train(model, recipe, data, out / ".trainer", device)
+        shutil.rmtree(out / ".trainer", ignore_errors=True)
+    with _timed("zeroqat", timings):
+        metrics["zeroqat"] = evaluate(model, tokenizer, recipe, data)
+    timings["total"] = time.perf_counter() - start
+    save_adapter(model, out / "adapter")
+    write_outputs(out, recipe, metrics, timings, history, device)
+    return {"output_dir": str(out), "metrics": metrics, "timings": timings}
+
+
+@contextmanager
+def _timed(stage: str, timings: dict):
+    _log(f"{stage}: started")
+    t0 = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - t0
+    _log(f"{stage}: done in {timings[stage]:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` a sibling temporary path, then rename it to ``path``: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_adapter(model, path: Path) -> None:
+    """``model.save_pretrained`` into a temporary folder renamed to ``path`` (replacing an older one)."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+
+    _atomic(path, write)
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, Agg renders the PNG
+
+    points = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    if points:
+        ax.plot(*zip(*points), marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean of the two SPSA passes)")
+    ax.set_title("ZeroQAT training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one row per metric, one column per stage."""
+    stages = [s for s in STAGES if s in metrics] or list(metrics)
+    names = list(dict.fromkeys(k for s in stages for k in metrics[s]))
+    lines = ["| metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for name in names:
+        cells = [_fmt(metrics[s].get(name)) for s in stages]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Optional[float]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2f}" if abs(value) >= 1.5 else f"{value:.4f}"
+
+
+def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
+    q, t = recipe["quant"], recipe["train"]
+    bits = f"W{q['w_bits']}A{q['a_bits']}" + (f"KV{q['kv_bits']}" if q["kv_bits"] < 16 else "")
+    steps = f"{t['steps']} ZO steps at batch {t['batch_size']}"
+    if recipe["task"] is None:
+        steps += f" x {t['seq_len']} tokens of {t['data']}"
+    ev = recipe["eval"]
+    time_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in timings.items())
+    return f"""# ZeroQAT run `{recipe['name']}`
+
+{recipe['model']}, {bits} group size {q['group_size']}, trainable {q['trainable']}, init {q['init']};
+{steps}, lr {t['lr']}, eps {t['eps']}; device {device}.
+Perplexity: {ev['split']} split, windows of {ev['seq_len']} tokens (at most {ev['max_windows'] or 'all'} per corpus).
+`init` is the model ZO training starts from (the RTN model when init is rtn).
+
+{metrics_table(metrics)}
+
+![training loss](loss_curve.png)
+
+## Timings (seconds)
+
+| stage | seconds |
+|---|---|
+{time_rows}
+
+## Settings
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False).rstrip()}
+```
+"""
+
+
+def write_outputs(out: Path, recipe: dict, metrics: dict, timings: dict, history: list[dict], device: str) -> None:
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text(out / "timings.json", json.dumps(timings, indent=2) + "\n")
+    plot_loss(history, out / "loss_curve.png")
+    write_text(out / "report.md", report(recipe, metrics, timings, device))
+    write_text(out / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+
+def is_done(out: str | os.PathLike) -> bool:
+    return (Path(out) / "DONE").is_file()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _log(msg: str) -> None:
+    print(f"[zqat] {msg}", file=sys.stderr, flush=True)
