@@ -397,5 +397,44 @@ def test_cuda_packed_weight_paths(cuda_ext, bits, dtype):
     assert torch.allclose(yb.float(), F.linear(xb.float(), wq.float(), bias.float()), rtol=2e-2, atol=5e-2)
 
 
+@needs_cuda
+@pytest.mark.parametrize("mode", ["full", "lightweight", "scales"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_model_same_bits_with_and_without_kernels(cuda_ext, monkeypatch, mode, dtype):
+    """A whole ZeroQAT model on CUDA (W3 g32, A8): perturbed losses, and the weights after a ZO update, are
+    bit-identical whether the kernels or the PyTorch ops compute the noise and the fake quantization."""
+    import copy
+
+    from peft import get_peft_model
+
+    from zqat_peft import ZeroQATConfig
+    from zqat_peft.quant import primitives
+    from zqat_peft.zo import spsa_losses, zo_parameters, zo_update
+
+    from .conftest import tiny_batch, tiny_model
+
+    config = ZeroQATConfig(w_bits=3, a_bits=8, group_size=32, trainable=mode)
+    base = get_peft_model(tiny_model("llama", dtype=dtype), config, autocast_adapter_dtype=False).cuda()
+    batch = {k: v.cuda() for k, v in tiny_batch().items()}
+
+    def run(model):
+        params = zo_parameters(model)
+        forward = lambda: model(**batch).loss  # noqa: E731
+        losses = spsa_losses(params, forward, 5, 1e-3)
+        zo_update(params, [5], [float(losses[0] - losses[1]) / 2e-3], 1e-4)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        return [float(x) for x in losses], [p.param.detach().clone() for p in params], logits
+
+    with_kernels = run(copy.deepcopy(base))
+    with monkeypatch.context() as m:
+        m.setattr(primitives, "cuda_ext", lambda: None)  # also the packed path's (packing asks primitives)
+        m.setattr(noise, "cuda_ext", lambda: None)
+        without = run(copy.deepcopy(base))
+    assert with_kernels[0] == without[0]
+    assert all(_same_bits(a, b) for a, b in zip(with_kernels[1], without[1]))
+    assert _same_bits(with_kernels[2], without[2])
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

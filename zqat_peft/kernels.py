@@ -5,8 +5,9 @@
   for CPU tensors.
 * ``cuda_ext()``: ``cuda_ext/zqat_kernels.cu`` (+ its pybind11 binding ``zqat_kernels_bind.cpp``): the CUDA
   kernels (scaled noise, fused perturb + weight fake quantization, activation fake quantization,
-  packed-weight dequantization and GEMV), compile-checked but not yet run on a GPU, so nothing calls them
-  yet; ``packed_linear_cuda`` shows how the packed-weight ones are meant to be used.
+  packed-weight dequantization and GEMV). ``zqat_peft.zo.noise`` and ``zqat_peft.quant`` call them for
+  CUDA tensors outside autograd (the same bits as their PyTorch paths); ``packed_linear_cuda`` adds the
+  batch-1 GEMV and a tiled workspace.
 
 Both are JIT-compiled with ``torch.utils.cpp_extension.load`` into torch's extensions directory
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where later processes find the built
@@ -28,7 +29,9 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["cpu_noise_ext", "cuda_ext", "ext_sources_dir", "extensions_disabled", "packed_linear_cuda"]
+__all__ = [
+    "CpuNoiseKernels", "cpu_noise_ext", "cuda_ext", "ext_sources_dir", "extensions_disabled", "packed_linear_cuda",
+]
 
 _DISABLE_ENV = "ZQAT_NO_EXT"
 _CPU_SOURCES = ("zo_noise_cpu.cpp",)
@@ -95,9 +98,57 @@ def _load(what: str, name: str, sources: Optional[list[str]], **kwargs: Any) -> 
         return None
 
 
+_NOISE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_MAX_INDEX = 2**31
+
+
+class CpuNoiseKernels:
+    """The CPU noise kernels, with their arguments checked here before the call.
+
+    The C++ side checks them too, but an exception thrown from this extension crashed the interpreter
+    under a CUDA build of torch (2.11+cu130; not under the CPU build of 2.13), so a bad argument is
+    reported from Python and never reaches the kernel.
+    """
+
+    def __init__(self, module: Any):
+        self.module = module
+        self.NOISE_VERSION = module.NOISE_VERSION
+
+    def add_scaled_noise(self, src: torch.Tensor, dst: torch.Tensor, seed: int, key: int, scale: float,
+                         offset: int = 0) -> None:
+        """dst <- src + float32(scale) * z(seed, key, offset + i); dst may be src."""
+        for name, t in (("src", src), ("dst", dst)):
+            _check_cpu_contiguous(f"add_scaled_noise: {name}", t)
+        if src.dtype not in _NOISE_DTYPES:
+            raise RuntimeError(f"add_scaled_noise: unsupported dtype {src.dtype} (float32, bfloat16, float16, float64)")
+        if dst.dtype != src.dtype or dst.numel() != src.numel():
+            raise RuntimeError(f"add_scaled_noise: dst ({dst.dtype}, {dst.numel()} elements) must match src "
+                               f"({src.dtype}, {src.numel()} elements)")
+        _check_noise_range(offset, src.numel())
+        self.module.add_scaled_noise(src, dst, seed, key, scale, offset)
+
+    def fill_noise(self, out: torch.Tensor, seed: int, key: int, offset: int = 0) -> None:
+        """out <- z(seed, key, offset + i), float32."""
+        _check_cpu_contiguous("fill_noise: out", out)
+        if out.dtype != torch.float32:
+            raise RuntimeError(f"fill_noise: out must be float32, got dtype {out.dtype}")
+        _check_noise_range(offset, out.numel())
+        self.module.fill_noise(out, seed, key, offset)
+
+
+def _check_cpu_contiguous(what: str, t: torch.Tensor) -> None:
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise RuntimeError(f"{what} must be a contiguous CPU tensor")
+
+
+def _check_noise_range(offset: int, numel: int) -> None:
+    if offset < 0 or offset + numel > _MAX_INDEX:
+        raise RuntimeError(f"noise element indices must lie in [0, 2**31): got offset={offset}, numel={numel}")
+
+
 @functools.lru_cache(maxsize=None)
-def cpu_noise_ext() -> Optional[Any]:
-    """The CPU ZO-noise extension module, or None (disabled, no sources, or no working compiler).
+def cpu_noise_ext() -> Optional[CpuNoiseKernels]:
+    """The CPU ZO-noise kernels, or None (disabled, no sources, or no working compiler).
 
     Built on the first call (a few tens of seconds, or instant when torch's extension cache holds it);
     a failure is reported once and remembered for the life of the process.
@@ -105,7 +156,8 @@ def cpu_noise_ext() -> Optional[Any]:
     if extensions_disabled():
         return None
     cflags, ldflags = _host_flags()
-    return _load("CPU noise kernel", _CPU_NAME, _sources(_CPU_SOURCES), extra_cflags=cflags, extra_ldflags=ldflags)
+    module = _load("CPU noise kernel", _CPU_NAME, _sources(_CPU_SOURCES), extra_cflags=cflags, extra_ldflags=ldflags)
+    return CpuNoiseKernels(module) if module is not None else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,10 +60,11 @@ def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, batches
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = model.get_input_embeddings().weight.device  # the ids go where the embedding lives
     try:
         for input_ids in batches:
             try:
-                model(input_ids=input_ids, use_cache=False)
+                model(input_ids=input_ids.to(device), use_cache=False)
             except _Stop:
                 pass
     finally:

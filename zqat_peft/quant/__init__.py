@@ -1,6 +1,6 @@
 """Quantization primitives (fake quantization, quantize/dequantize) and GPTQ bit packing."""
 
-from .packing import pack_int, packed_shape, unpack_int
+from .packing import dequantize_packed, pack_int, packed_shape, unpack_int
 from .primitives import (
     ACT_BITS,
     WEIGHT_BITS,
@@ -20,6 +20,7 @@ __all__ = [
     "WEIGHT_BITS",
     "check_act_bits",
     "check_weight_bits",
+    "dequantize_packed",
     "dequantize_weight",
     "fake_quantize_activation",
     "fake_quantize_weight",

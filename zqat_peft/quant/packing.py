@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .primitives import check_weight_bits
+from .primitives import check_weight_bits, cuda_kernels_for, dequantize_weight
 
 _ROWS_PER_CHUNK = 32
 _WORD_BITS = 32
@@ -113,3 +113,20 @@ def unpack_int(packed: Tensor, bits: int, rows: int) -> Tensor:
         values.append(value & mask)
     codes = torch.stack(values, dim=1).view(n_chunks * _ROWS_PER_CHUNK, cols)
     return codes[:rows].to(torch.uint8)
+
+
+def dequantize_packed(
+    qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The weight [out, in] of GPTQ-packed codes: ``dequantize_weight(unpack_int(qweight).t(), scale, zero)``.
+
+    On CUDA (no autograd, float32 scales) one kernel unpacks and dequantizes into W^T, returned as a
+    transposed view; it computes the same bits.
+    """
+    ext = cuda_kernels_for(qweight, scale, zero) if scale.dtype == torch.float32 else None
+    if ext is not None and zero.dtype == torch.uint8 and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        wt = torch.empty(in_features, qweight.shape[1], dtype=dtype, device=qweight.device)
+        ext.dequant_packed(qweight, scale, zero, wt, bits, in_features, 0)
+        return wt.t()
+    codes = unpack_int(qweight, bits, in_features).t()
+    return dequantize_weight(codes, scale, zero, dtype=dtype)

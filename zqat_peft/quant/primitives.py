@@ -10,12 +10,19 @@ Conventions (shared with the GPTQ export path):
   so it can be packed into GPTQ's ``qzeros`` without loss.
 * All arithmetic is float32 regardless of the input dtype, so bf16/fp16 models quantize to the
   same codes as their float32 upcast.
+
+Without autograd, contiguous CUDA tensors go through the CUDA kernels of ``cuda_ext/`` (one pass over
+the tensor instead of a chain of PyTorch ops); they compute the same bits (tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 from torch import Tensor
+
+from ..kernels import cuda_ext
 
 WEIGHT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 # 16 means "activation quantization off"; it is accepted so configs can name it explicitly.
@@ -182,6 +189,20 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cuda_kernels_for(x: Tensor, *others: Tensor | None) -> Optional[Any]:
+    """The CUDA extension when ``x`` (and every other tensor given) is a contiguous CUDA tensor in a dtype
+    the kernels take and nothing needs a gradient; else None (the PyTorch path runs)."""
+    tensors = (x, *(t for t in others if t is not None))
+    if not x.is_cuda or x.dtype not in _KERNEL_DTYPES or _needs_grad(*tensors):
+        return None
+    if not all(t.is_cuda and t.is_contiguous() for t in tensors):
+        return None
+    return cuda_ext()
+
+
 def fake_quantize_weight(
     weight: Tensor,
     bits: int,
@@ -198,6 +219,12 @@ def fake_quantize_weight(
     clip logits (through scale and zero) and the weight (straight-through inside the range).
     See ``weight_qparams`` for the arguments.
     """
+    clips_float32 = all(c is None or c.dtype == torch.float32 for c in (clip_lower, clip_upper))
+    ext = cuda_kernels_for(weight, clip_lower, clip_upper) if clips_float32 else None
+    if ext is not None:
+        out = torch.empty_like(weight)
+        ext.perturbed_fake_quant_weight(weight, out, 0, 0, 0.0, clip_lower, clip_upper, bits, group_size, symmetric)
+        return out
     scale, zero = weight_qparams(weight, bits, group_size, symmetric, clip_lower, clip_upper)
     if not _needs_grad(weight, clip_lower, clip_upper):
         codes = quantize_weight(weight, scale, zero, bits)
@@ -230,6 +257,11 @@ def fake_quantize_activation(x: Tensor, bits: int, group_size: int = -1) -> Tens
         return x
     last = x.shape[-1]
     group_size = resolve_group_size(group_size, last, layer_name="activation")
+    ext = cuda_kernels_for(x)
+    if ext is not None:
+        out = torch.empty_like(x)
+        ext.fake_quant_activation(x, out, bits, group_size)
+        return out
     groups = x.float().reshape(*x.shape[:-1], last // group_size, group_size)
 
     qmax = 2**bits - 1

@@ -30,13 +30,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..quant import (
-    dequantize_weight,
+    dequantize_packed,
     fake_quantize_activation,
     fake_quantize_weight,
     pack_int,
     quantize_weight,
     resolve_group_size,
-    unpack_int,
     weight_qparams,
 )
 
@@ -138,9 +137,9 @@ class ZQATLayer(BaseTunerLayer):
         """The weight the forward multiplies with, [out, in]: on the quantization grid in either form."""
         spec = self.zqat_spec[adapter_name]
         if self.is_packed(adapter_name):
-            codes = unpack_int(self.zqat_qweight[adapter_name], spec.w_bits, self.in_features).t()
-            return dequantize_weight(
-                codes, self.zqat_scales[adapter_name], self.zqat_zeros[adapter_name], dtype=dtype or torch.float32
+            return dequantize_packed(
+                self.zqat_qweight[adapter_name], self.zqat_scales[adapter_name], self.zqat_zeros[adapter_name],
+                spec.w_bits, self.in_features, dtype=dtype or torch.float32,
             )
         master = self.zqat_weight[adapter_name]
         weight = fake_quantize_weight(

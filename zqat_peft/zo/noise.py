@@ -101,7 +101,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..kernels import cpu_noise_ext
+from ..kernels import cpu_noise_ext, cuda_ext
 
 __all__ = [
     "NOISE_SCALE",
@@ -347,14 +347,14 @@ def _scale32(scale: float) -> float:
 def _apply(src: Tensor, dst: Tensor, seed: int, key: int, scale: float) -> None:
     """dst <- src + float32(scale) * z, chunk by chunk (src, dst flat, contiguous; may be the same).
 
-    CPU tensors go through the compiled kernel (``zqat_peft.kernels.cpu_noise_ext``, the same bits)
-    when it is available.
+    CPU and CUDA tensors go through the compiled kernels (``zqat_peft.kernels``: the same bits, z
+    generated inside the kernel) when they are available.
     """
     numel = src.numel()
     _check_range(0, numel)
     s = _scale32(scale)
-    if src.device.type == "cpu":
-        ext = cpu_noise_ext()
+    if src.device.type in ("cpu", "cuda"):
+        ext = cpu_noise_ext() if src.device.type == "cpu" else cuda_ext()
         if ext is not None:
             # the kernel rounds scale to float32 itself (as _scale32 does); it copies only for exactly 0
             ext.add_scaled_noise(src, dst, seed & _M32, key & _M32, float(scale))

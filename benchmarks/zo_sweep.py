@@ -1,0 +1,70 @@
+"""ZO training settings against each other on one recipe: the initialized model is built once, then each
+setting trains a fresh copy of it and is evaluated (wiki perplexity, the recipe's eval settings).
+
+Settings are lists of recipe overrides; each ``--set`` is one setting, e.g.
+``--set train.lr=1e-5 train.steps=100 --set train.lr=3e-6 train.steps=300``. The quant and calibration
+sections must not change between settings (the init is shared). Prints a table and writes JSON.
+
+    python benchmarks/zo_sweep.py --recipe recipes/demo.yaml --set train.lr=1e-5 --set train.lr=3e-6
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from zqat_peft import calibrate
+from zqat_peft.pipeline import evaluate, load_recipe, pick_device, prepare_data, quantized_model, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--base", nargs="*", default=[], help="overrides applied to every setting")
+    parser.add_argument("--set", nargs="+", action="append", required=True, metavar="KEY=VALUE")
+    parser.add_argument("--out", default="benchmarks/results/zo_sweep.json")
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe, args.base)
+    settings = [load_recipe(args.recipe, [*args.base, *s]) for s in args.set]
+    for s in settings:
+        if s["quant"] != recipe["quant"] or s["calibration"] != recipe["calibration"]:
+            raise SystemExit("--set may change train/eval keys only: the initialized model is shared")
+    device = pick_device()
+    init_model, tokenizer = quantized_model(recipe, device, recipe["quant"]["init"])
+    data = prepare_data(recipe, tokenizer)
+    start = time.perf_counter()
+    if recipe["quant"]["init"] == "calibrate":
+        calibrate(init_model, data["calibration"], progress=False)
+    results = {"meta": {"recipe": args.recipe, "base": args.base, "device": device,
+                        "calibration_seconds": time.perf_counter() - start},
+               "init": evaluate(init_model, tokenizer, recipe, data), "runs": []}
+    for overrides, s in zip(args.set, settings):
+        model = copy.deepcopy(init_model)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as work:
+            history = train(model, s, data, Path(work), device)
+        seconds = time.perf_counter() - start
+        metrics = evaluate(model, tokenizer, s, data)
+        losses = [h["loss"] for h in history if "loss" in h]
+        results["runs"].append({"overrides": overrides, "train_seconds": seconds, "metrics": metrics,
+                                "first_loss": losses[0] if losses else None,
+                                "last_loss": losses[-1] if losses else None})
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"{' '.join(overrides):50s} wiki_ppl {metrics['wiki_ppl']:.3f} "
+              f"(init {results['init']['wiki_ppl']:.3f}, x{metrics['wiki_ppl'] / results['init']['wiki_ppl']:.3f})"
+              f"  {seconds:.0f} s", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
