@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m zqat_peft.cli demo
 
+# The real model and data are fetched first (once; cached), so the end-to-end tests on them run too.
 test: setup
+	$(PY) -m zqat_peft.cli fetch
 	$(PY) -m pytest -q tests
 
 clean:
