@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.cpp_extension
 
-from zqat_peft import kernels
+from zqat_peft import kernels, noise
 from zqat_peft.quant import dequantize_weight, fake_quantize_activation, fake_quantize_weight, pack_int, unpack_int
 from zqat_peft.quant import quantize_weight, weight_qparams
-from zqat_peft.zo import noise
-from zqat_peft.zo.noise import add_scaled_noise, add_scaled_noise_, param_key, zo_noise
+from zqat_peft.noise import add_scaled_noise, add_scaled_noise_, param_key, zo_noise
 
 from .test_noise import PINNED
 
@@ -54,7 +53,7 @@ def ext():
 
 @pytest.fixture
 def pytorch_path(monkeypatch):
-    """Calls `fn` with zqat_peft.zo.noise's PyTorch path forced (the loader it sees returns None)."""
+    """Calls `fn` with zqat_peft.noise's PyTorch path forced (the loader it sees returns None)."""
 
     def run(fn, *args):
         with monkeypatch.context() as m:
@@ -362,6 +361,25 @@ def test_cuda_perturbed_fake_quant_weight(cuda_ext, dtype, bits, group, symmetri
         out = torch.empty_like(w)
         cuda_ext.perturbed_fake_quant_weight(w, out, 17, param_key("w"), scale, lo, hi, bits, group, symmetric)
         assert _same_bits(out, ref), (scale, (out.float() - ref.float()).abs().max().item())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_fake_quantize_weight_with_noise_uses_the_fused_kernel(cuda_ext, monkeypatch, dtype):
+    """fake_quantize_weight(noise=...) on CUDA (noise generated inside the kernel) equals the PyTorch
+    path (perturbed copy, then fake quantization) bit for bit."""
+    from zqat_peft.noise import WeightNoise
+    from zqat_peft.quant import primitives
+
+    w = (torch.randn(96, 256, device="cuda") * 0.02).to(dtype)
+    lo, hi = torch.randn(96, 4, device="cuda") + 2, torch.randn(96, 4, device="cuda") + 2
+    perturbation = WeightNoise(2**40 + 3, param_key("w"), -1.5e-3)  # seeds are taken mod 2**32 on both paths
+    fused = fake_quantize_weight(w, 3, 64, False, lo, hi, noise=perturbation)
+    with monkeypatch.context() as m:
+        m.setattr(primitives, "cuda_ext", lambda: None)
+        m.setattr(noise, "cuda_ext", lambda: None)
+        ref = fake_quantize_weight(w, 3, 64, False, lo, hi, noise=perturbation)
+    assert _same_bits(fused, ref)
 
 
 @needs_cuda

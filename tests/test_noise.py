@@ -8,8 +8,8 @@ import zlib
 import pytest
 import torch
 
-from zqat_peft.zo import noise
-from zqat_peft.zo.noise import (
+from zqat_peft import noise
+from zqat_peft.noise import (
     NOISE_SCALE,
     add_scaled_noise,
     add_scaled_noise_,

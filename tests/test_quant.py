@@ -180,6 +180,21 @@ def test_no_grad_mode_takes_exact_path():
     assert not fake.requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_of_a_noise_perturbed_weight(dtype):
+    from zqat_peft.noise import WeightNoise, add_scaled_noise, param_key
+
+    w = (torch.randn(OUT, IN) * 0.02).to(dtype)
+    lo, hi = torch.randn(OUT, IN // 64) + 2, torch.randn(OUT, IN // 64) + 2
+    noise = WeightNoise(5, param_key("w"), 2e-3)
+    got = fake_quantize_weight(w, 3, 64, False, lo, hi, noise=noise)
+    perturbed = add_scaled_noise(w, noise.seed, noise.key, noise.scale)
+    assert torch.equal(got, fake_quantize_weight(perturbed, 3, 64, False, lo, hi))
+    assert not torch.equal(got, fake_quantize_weight(w, 3, 64, False, lo, hi))
+    with pytest.raises(ValueError, match="no gradient"):
+        fake_quantize_weight(w.float().requires_grad_(), 3, 64, False, noise=noise)
+
+
 def test_all_zero_group_is_finite():
     w = torch.zeros(2, 64)
     fake = fake_quantize_weight(w, 4, 32, symmetric=False)

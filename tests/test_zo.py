@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from zqat_peft import ZeroQATConfig, ZOTrainer, ZOTrainingArguments, replay_trajectory
 from zqat_peft.zo import ZODivergenceError, perturbed, spsa_losses, zo_parameters
-from zqat_peft.zo.noise import zo_noise
+from zqat_peft.noise import zo_noise
 
 from .conftest import tiny_batch, tiny_model
 
@@ -82,6 +82,56 @@ def test_perturbed_forward_equals_forward_of_explicitly_perturbed_weights():
     for p in params:
         p.param.data += 0.1 * zo_noise(3, p.key, p.param.shape)
     assert torch.allclose(got, model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("a_bits", [16, 8])
+def test_zqat_layers_apply_the_perturbation_in_their_forward_bit_for_bit(a_bits):
+    """ZQATLinear takes the noise into its own fake quantization (no perturbed copy): the perturbed loss
+    equals, bit for bit, the loss of a copy whose weights were explicitly perturbed, and the layers hold
+    no noise after the block, even when the forward raised."""
+    import copy
+
+    from zqat_peft.noise import add_scaled_noise_
+    from zqat_peft.tuner.layer import ZQATLayer
+
+    model = zqat_llama(a_bits=a_bits)
+    layers = [m for m in model.modules() if isinstance(m, ZQATLayer)]
+    batch = tiny_batch()
+    params = zo_parameters(model)
+    with perturbed(params, seed=11, scale=3e-2):
+        got = model(**batch).loss
+    explicit = copy.deepcopy(model)
+    for p in zo_parameters(explicit):
+        add_scaled_noise_(p.param.data, 11, p.key, 3e-2)
+    with torch.no_grad():
+        assert torch.equal(got, explicit(**batch).loss)
+    assert not any(layer.zqat_weight_noise for layer in layers)
+    def fail(module, args, output):
+        assert module.zqat_weight_noise  # the noise is set while the layer runs
+        raise KeyboardInterrupt
+
+    handle = layers[0].register_forward_hook(fail)
+    with pytest.raises(KeyboardInterrupt):
+        with perturbed(params, seed=11, scale=3e-2):
+            model(**batch)
+    handle.remove()
+    assert not any(layer.zqat_weight_noise for layer in layers)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).loss, zqat_llama(a_bits=a_bits)(**batch).loss)
+
+
+def test_zqat_layer_takes_noise_for_its_master_weight_only():
+    from zqat_peft.noise import WeightNoise
+    from zqat_peft.tuner.layer import ZQATLayer
+
+    layer = next(m for m in zqat_llama().modules() if isinstance(m, ZQATLayer))
+    noise = WeightNoise(1, 2, 1e-3)
+    assert not layer.set_weight_noise(layer.zqat_clip_lower, "default", noise)
+    assert not layer.set_weight_noise(layer.zqat_weight, "other", noise)
+    assert layer.set_weight_noise(layer.zqat_weight, "default", noise)
+    assert layer.zqat_weight_noise == {"default": noise}
+    with pytest.raises(ValueError, match="finite"):
+        WeightNoise(1, 2, float("nan"))
 
 
 def test_parameter_read_outside_its_forward_is_an_error():

@@ -1,11 +1,11 @@
 """Loaders of the optional compiled kernels in ``cuda_ext/`` (built on first use, then cached).
 
 * ``cpu_noise_ext()``: ``cuda_ext/zo_noise_cpu.cpp``, the CPU kernel of the ZO noise (``add_scaled_noise``,
-  ``fill_noise``), bit-identical to the PyTorch implementation in ``zqat_peft.zo.noise``, which uses it
+  ``fill_noise``), bit-identical to the PyTorch implementation in ``zqat_peft.noise``, which uses it
   for CPU tensors.
 * ``cuda_ext()``: ``cuda_ext/zqat_kernels.cu`` (+ its pybind11 binding ``zqat_kernels_bind.cpp``): the CUDA
   kernels (scaled noise, fused perturb + weight fake quantization, activation fake quantization,
-  packed-weight dequantization and GEMV). ``zqat_peft.zo.noise`` and ``zqat_peft.quant`` call them for
+  packed-weight dequantization and GEMV). ``zqat_peft.noise`` and ``zqat_peft.quant`` call them for
   CUDA tensors outside autograd (the same bits as their PyTorch paths); ``packed_linear_cuda`` adds the
   batch-1 GEMV and a tiled workspace.
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import cuda_ext
+from ..noise import WeightNoise, add_scaled_noise
 
 WEIGHT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 # 16 means "activation quantization off"; it is accepted so configs can name it explicitly.
@@ -31,6 +32,7 @@ ACT_BITS: tuple[int, ...] = (4, 6, 8, 16)
 # Lower bound on scales: an all-zero group would otherwise give scale 0 and divide by zero.
 # 1e-8 is far below any real weight/activation range, so it only ever triggers on such groups.
 _MIN_SCALE = 1e-8
+_M32 = 0xFFFFFFFF  # the noise kernels take seed and key mod 2**32, as zqat_peft.noise does
 
 
 def check_weight_bits(bits: int, what: str = "w_bits") -> None:
@@ -210,6 +212,7 @@ def fake_quantize_weight(
     symmetric: bool,
     clip_lower: Tensor | None = None,
     clip_upper: Tensor | None = None,
+    noise: WeightNoise | None = None,
 ) -> Tensor:
     """Quantize-then-dequantize a weight, keeping its shape [out, in] and dtype.
 
@@ -218,13 +221,23 @@ def fake_quantize_weight(
     logit requires grad, the same formula is evaluated with ``round_ste`` so gradients reach the
     clip logits (through scale and zero) and the weight (straight-through inside the range).
     See ``weight_qparams`` for the arguments.
+
+    ``noise`` quantizes ``add_scaled_noise(weight, noise.seed, noise.key, noise.scale)`` instead of
+    ``weight`` (a ZO perturbation), bit for bit; the CUDA kernel generates the noise while it quantizes, so
+    no perturbed copy of the weight is written. It takes no gradient.
     """
+    if noise is not None and _needs_grad(weight, clip_lower, clip_upper):
+        raise ValueError("fake_quantize_weight: a noise-perturbed weight takes no gradient; run it under torch.no_grad()")
     clips_float32 = all(c is None or c.dtype == torch.float32 for c in (clip_lower, clip_upper))
     ext = cuda_kernels_for(weight, clip_lower, clip_upper) if clips_float32 else None
     if ext is not None:
+        seed, key, scale = (noise.seed, noise.key, noise.scale) if noise is not None else (0, 0, 0.0)
         out = torch.empty_like(weight)
-        ext.perturbed_fake_quant_weight(weight, out, 0, 0, 0.0, clip_lower, clip_upper, bits, group_size, symmetric)
+        ext.perturbed_fake_quant_weight(weight, out, seed & _M32, key & _M32, float(scale), clip_lower, clip_upper,
+                                        bits, group_size, symmetric)
         return out
+    if noise is not None:
+        weight = add_scaled_noise(weight, noise.seed, noise.key, noise.scale)
     scale, zero = weight_qparams(weight, bits, group_size, symmetric, clip_lower, clip_upper)
     if not _needs_grad(weight, clip_lower, clip_upper):
         codes = quantize_weight(weight, scale, zero, bits)

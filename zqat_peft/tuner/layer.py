@@ -3,9 +3,10 @@
 A layer holds its weight in one of two forms (see `ZeroQATConfig`):
 
 - trained: ``zqat_weight`` (full-precision master) and ``zqat_clip_lower/upper`` (LWC clipping logits);
-  the forward fake-quantizes the master weight. An optimizer that wants to perturb the weight replaces
-  the ``zqat_weight`` entry for the duration of a forward; the stored tensor is never written by the
-  forward, so nothing drifts.
+  the forward fake-quantizes the master weight. A caller that wants the forward to see a perturbed
+  master weight (ZO training) hands the layer a ``WeightNoise`` (``set_weight_noise``): the forward then
+  quantizes W + scale * z(seed, key), which the CUDA kernel does in one pass without writing the
+  perturbed weight anywhere. The stored tensor is never written by the forward, so nothing drifts.
 - packed: ``zqat_qweight`` (int32, GPTQ layout), ``zqat_scales`` (float32) and ``zqat_zeros`` (uint8),
   dequantized on the fly. The float weight is gone.
 
@@ -29,6 +30,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..noise import WeightNoise, add_scaled_noise
 from ..quant import (
     dequantize_packed,
     fake_quantize_activation,
@@ -72,6 +74,8 @@ class ZQATLayer(BaseTunerLayer):
         self.zqat_qweight = BufferDict({}, persistent=True)
         self.zqat_zeros = BufferDict({}, persistent=True)
         self.zqat_spec: dict[str, LayerQuantSpec] = {}
+        # adapter -> the noise the forward adds to its master weight (see set_weight_noise); normally empty
+        self.zqat_weight_noise: dict[str, WeightNoise] = {}
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         # False runs a trained layer in full precision (calibration's reference outputs).
         self.fake_quant = True
@@ -114,6 +118,24 @@ class ZQATLayer(BaseTunerLayer):
         """Whether ZO training updates this layer's master weight (set by the config, not by requires_grad)."""
         return "zqat_weight" not in self.frozen_peft_weight_names.get(adapter_name, ())
 
+    def set_weight_noise(self, holder: nn.Module, attr: str, noise: Optional[WeightNoise]) -> bool:
+        """Make the forward see the master weight ``holder[attr]`` as W + noise.scale * z(noise.seed, noise.key)
+        (None: as W again). Returns False, and changes nothing, for any other tensor: the caller must
+        perturb those itself."""
+        if holder is not self.zqat_weight or attr not in self.zqat_weight:
+            return False
+        if noise is None:
+            self.zqat_weight_noise.pop(attr, None)
+        else:
+            self.zqat_weight_noise[attr] = noise
+        return True
+
+    def master_weight(self, adapter_name: str) -> torch.Tensor:
+        """The full-precision weight the forward sees (perturbed while a ``WeightNoise`` is set), [out, in]."""
+        master = self.zqat_weight[adapter_name]
+        noise = self.zqat_weight_noise.get(adapter_name)
+        return master if noise is None else add_scaled_noise(master, noise.seed, noise.key, noise.scale)
+
     @torch.no_grad()
     def pack(self, adapter_name: str) -> None:
         """Quantize the master weight to packed integer codes and free it (and its clipping logits)."""
@@ -141,10 +163,10 @@ class ZQATLayer(BaseTunerLayer):
                 self.zqat_qweight[adapter_name], self.zqat_scales[adapter_name], self.zqat_zeros[adapter_name],
                 spec.w_bits, self.in_features, dtype=dtype or torch.float32,
             )
-        master = self.zqat_weight[adapter_name]
         weight = fake_quantize_weight(
-            master, spec.w_bits, spec.group_size, spec.symmetric,
+            self.zqat_weight[adapter_name], spec.w_bits, spec.group_size, spec.symmetric,
             self.zqat_clip_lower[adapter_name], self.zqat_clip_upper[adapter_name],
+            noise=self.zqat_weight_noise.get(adapter_name),
         )
         return weight if dtype is None else weight.to(dtype)
 
@@ -181,7 +203,7 @@ class ZQATLinear(nn.Module, ZQATLayer):
         if not self.fake_quant:
             if self.is_packed(adapter):
                 raise RuntimeError("A packed layer has no full-precision weight to run with fake_quant=False.")
-            return F.linear(x, self.zqat_weight[adapter].to(x.dtype), self.base_layer.bias)
+            return F.linear(x, self.master_weight(adapter).to(x.dtype), self.base_layer.bias)
         x = fake_quantize_activation(x, spec.a_bits)
         y = F.linear(x, self.quantized_weight(adapter, dtype=x.dtype), self.base_layer.bias)
         if spec.out_bits < 16:

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .noise import add_scaled_noise_
+from ..noise import add_scaled_noise_
 from .perturbation import ZOParameter, perturbed
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .estimator import zo_update
-from .noise import NOISE_VERSION
+from ..noise import NOISE_VERSION
 from .perturbation import zo_parameters
 
 TRAJECTORY_FILE = "zo_trajectory.safetensors"

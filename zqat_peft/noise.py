@@ -96,16 +96,18 @@ import math
 import struct
 import threading
 import zlib
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ..kernels import cpu_noise_ext, cuda_ext
+from .kernels import cpu_noise_ext, cuda_ext
 
 __all__ = [
     "NOISE_SCALE",
     "NOISE_VERSION",
+    "WeightNoise",
     "add_scaled_noise",
     "add_scaled_noise_",
     "mix32",
@@ -116,6 +118,23 @@ __all__ = [
 ]
 
 NOISE_VERSION = "zqat-noise-v1"
+
+
+@dataclass(frozen=True)
+class WeightNoise:
+    """A perturbation ``scale * z(seed, key)`` of one tensor, applied where the tensor is read.
+
+    A layer that accepts one (``ZQATLayer.set_weight_noise``) sees its master weight as
+    ``add_scaled_noise(weight, seed, key, scale)`` for the duration of a forward, so that a fused kernel
+    can generate z while it quantizes the weight instead of writing a perturbed copy first.
+    """
+
+    seed: int
+    key: int
+    scale: float
+
+    def __post_init__(self) -> None:
+        _scale32(self.scale)  # raises on NaN/inf
 
 _M32 = 0xFFFFFFFF
 _M16 = 0xFFFF
