@@ -10,7 +10,8 @@ module's perturbed weights at a time. This works for any module whose forward re
 A module may instead take the perturbation into its own forward: if it has ``set_weight_noise(holder,
 attr, noise)`` and that returns True, it is handed a ``WeightNoise`` (seed, key, scale) and no perturbed
 copy is made. ZQATLinear does this for its master weight, so on CUDA the noise is generated inside the
-fake-quantization kernel (one pass over the weight instead of three); the loss is bit-identical.
+fake-quantization kernel (the master weight is read once, not read, written and read again); the loss is
+bit-identical.
 """
 
 from __future__ import annotations
