@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from zqat_peft import cli, pipeline
+from zqat_peft import ZOTrainer, ZOTrainingArguments, cli, pipeline
 from zqat_peft.pipeline import RecipeError, load_recipe
 
 from .conftest import tiny_model
@@ -252,6 +252,29 @@ def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, ca
             assert max(len(torch.unique(g)) for g in groups) <= 2 ** 3, name  # on the W3 g64 grid
     assert (merged_dir / "tokenizer.json").is_file()
     assert cli.main(["export", "--adapter", str(out / "adapter"), "--out", str(merged_dir)]) == 2
+
+
+@needs_model_and_wiki
+def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_model, tmp_path):
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", f"output_dir={tmp_path / 'best'}",
+        "quant={w_bits: 3, group_size: 64, trainable: full, init: rtn}",
+        "train={steps: 6, batch_size: 2, seq_len: 32, lr: 1.0, logging_steps: 1, eval_steps: 2, eval_windows: 4}",
+        "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
+    ])
+    model, tokenizer = pipeline.quantized_model(recipe, "cpu", "rtn")
+    data = pipeline.prepare_data(recipe, tokenizer)
+    assert len(data["validation"]) == 4
+    history = pipeline.train(model, recipe, data, tmp_path / "work", "cpu")
+    held_out = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    assert sorted(held_out) == [2, 4, 6]
+    assert held_out[6] > min(held_out.values())  # lr 1.0 overshoots: the last step is not the best
+    trainer_args = ZOTrainingArguments(output_dir=str(tmp_path / "eval"), report_to=[], use_cpu=True,
+                                                per_device_eval_batch_size=2)
+    final = ZOTrainer(model=model, args=trainer_args, eval_dataset=data["validation"]).evaluate()
+    assert final["eval_loss"] == pytest.approx(min(held_out.values()), rel=1e-6)  # the best one was kept
+    with pytest.raises(RecipeError, match="train.eval_steps"):
+        load_recipe(None, ["train.eval_steps=0"])
 
 
 @pytest.mark.skipif(not _real_assets("model", "tasks"), reason="the model's tokenizer and BoolQ are not fetched")

@@ -84,6 +84,9 @@ def default_recipe() -> dict:
             "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
             "grad_clip": None, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "logging_steps": 10,
             "bf16": False,
+            # Every eval_steps steps, the loss on held-out data (the first eval_windows windows of train.data's
+            # validation split; BoolQ: the validation questions); the best checkpoint is the result. null: off.
+            "eval_steps": None, "eval_windows": 32,
         },
         "eval": {
             "corpora": {"wiki": "wiki", "lee": "lee", "austen": "austen"},  # metric prefix -> corpus
@@ -161,6 +164,11 @@ def check_recipe(recipe: dict) -> None:
     tasks = recipe["eval"]["tasks"]
     if not isinstance(tasks, list) or any(t not in known for t in tasks):
         raise RecipeError(f"eval.tasks must be a list of zero-shot tasks among {', '.join(known)}; got {tasks!r}")
+    for key in ("eval_steps", "eval_windows"):
+        value = recipe["train"][key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RecipeError(f"train.{key} must be a positive integer{' or null' if key == 'eval_steps' else ''}, "
+                              f"got {value!r}")
     quant_config(recipe)  # ZeroQATConfig checks the quantization settings
 
 
@@ -283,13 +291,19 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
         c = recipe["calibration"]
         data["calibration"] = calibration_batches(corpus_tokens(tokenizer, c["data"], "train"), c["n_samples"],
                                                   c["seq_len"], c["batch_size"], recipe["seed"])
+    t = recipe["train"]
     if recipe["task"] == "boolq":
         max_length = recipe["finetune"]["max_length"]
-        data["train"] = [answer_example(tokenizer, row, max_length) for row in boolq_splits(recipe)["train"]]
+        splits = boolq_splits(recipe)
+        data["train"] = [answer_example(tokenizer, row, max_length) for row in splits["train"]]
+        if t["eval_steps"]:
+            data["validation"] = [answer_example(tokenizer, row, max_length) for row in splits["validation"]]
         data["collator"] = PadCollator(tokenizer.pad_token_id)
     else:
-        t = recipe["train"]
         data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"]))
+        if t["eval_steps"]:
+            held_out = corpus_tokens(tokenizer, t["data"], "validation")
+            data["validation"] = TokenWindows(token_windows(held_out, t["seq_len"], t["eval_windows"]))
         data["collator"] = None  # transformers' default: the windows have one length
     return data
 
@@ -393,17 +407,29 @@ def evaluate(model, tokenizer, recipe: dict, data: dict) -> dict[str, float]:
 
 
 def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[dict]:
-    """ZO-train the model in place with ZOTrainer; returns the trainer's log history."""
+    """ZO-train the model in place with ZOTrainer; returns the trainer's log history.
+
+    With ``train.eval_steps`` the Trainer measures the held-out loss every eval_steps steps, checkpoints
+    there, and ends by loading the best checkpoint (``load_best_model_at_end``), as MeZO's protocol does.
+    """
     t = recipe["train"]
+    every = t["eval_steps"]
     args = ZOTrainingArguments(
         output_dir=str(work_dir), max_steps=t["steps"], per_device_train_batch_size=t["batch_size"],
         learning_rate=t["lr"], lr_scheduler_type=t["scheduler"], warmup_steps=t["warmup_steps"],
         weight_decay=t["weight_decay"], zo_eps=t["eps"], zo_num_queries=t["num_queries"], zo_grad_clip=t["grad_clip"],
-        logging_steps=t["logging_steps"], save_strategy="no", report_to=[], seed=recipe["seed"], bf16=t["bf16"],
+        logging_steps=t["logging_steps"], report_to=[], seed=recipe["seed"], bf16=t["bf16"],
         use_cpu=device == "cpu", dataloader_num_workers=0,
+        save_strategy="steps" if every else "no", save_steps=every or 500, save_total_limit=1,
+        eval_strategy="steps" if every else "no", eval_steps=every, per_device_eval_batch_size=t["batch_size"],
+        load_best_model_at_end=bool(every), metric_for_best_model="eval_loss", greater_is_better=False,
     )
-    trainer = ZOTrainer(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"])
+    trainer = ZOTrainer(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
+                        eval_dataset=data.get("validation") if every else None)
     trainer.train()
+    if every:
+        best = trainer.state.best_model_checkpoint
+        _log(f"  kept {Path(best).name if best else 'the last step'} (held-out loss {_fmt(trainer.state.best_metric)})")
     return trainer.state.log_history
 
 
@@ -489,13 +515,16 @@ def save_adapter(model, path: Path) -> None:
 def plot_loss(history: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, Agg renders the PNG
 
-    points = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    if points:
-        ax.plot(*zip(*points), marker="o", markersize=3)
+    for key, label in (("loss", "training (mean of the two SPSA passes)"), ("eval_loss", "held-out")):
+        points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    if any("eval_loss" in e for e in history):
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean of the two SPSA passes)")
+    ax.set_ylabel("loss")
     ax.set_title("ZeroQAT training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
