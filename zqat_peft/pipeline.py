@@ -414,18 +414,20 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[
     """
     t = recipe["train"]
     every = t["eval_steps"]
+    keep_best = dict(
+        save_strategy="steps", save_steps=every, save_total_limit=1, eval_strategy="steps", eval_steps=every,
+        per_device_eval_batch_size=t["batch_size"], load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=False,
+    ) if every else {"save_strategy": "no"}
     args = ZOTrainingArguments(
         output_dir=str(work_dir), max_steps=t["steps"], per_device_train_batch_size=t["batch_size"],
         learning_rate=t["lr"], lr_scheduler_type=t["scheduler"], warmup_steps=t["warmup_steps"],
         weight_decay=t["weight_decay"], zo_eps=t["eps"], zo_num_queries=t["num_queries"], zo_grad_clip=t["grad_clip"],
         logging_steps=t["logging_steps"], report_to=[], seed=recipe["seed"], bf16=t["bf16"],
-        use_cpu=device == "cpu", dataloader_num_workers=0,
-        save_strategy="steps" if every else "no", save_steps=every or 500, save_total_limit=1,
-        eval_strategy="steps" if every else "no", eval_steps=every, per_device_eval_batch_size=t["batch_size"],
-        load_best_model_at_end=bool(every), metric_for_best_model="eval_loss", greater_is_better=False,
+        use_cpu=device == "cpu", dataloader_num_workers=0, **keep_best,
     )
     trainer = ZOTrainer(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
-                        eval_dataset=data.get("validation") if every else None)
+                        eval_dataset=data.get("validation"))  # present only with eval_steps
     trainer.train()
     if every:
         best = trainer.state.best_model_checkpoint
@@ -521,7 +523,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
         points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-    if any("eval_loss" in e for e in history):
+    if len(ax.lines) > 1:
         ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

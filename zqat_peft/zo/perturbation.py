@@ -78,11 +78,12 @@ def perturbed(params: list[ZOParameter], seed: int, scale: float) -> Iterator[No
     for p in params:
         for caller, holder, attr in p.sites:
             sites_by_module.setdefault(caller, []).append((holder, attr, p))
+    noise = {id(p): WeightNoise(seed, p.key, scale) for p in params}  # built once; checks the scale
     used: set[int] = set()
 
     def swap_in(module: nn.Module, args) -> None:
         for holder, attr, p in sites_by_module[module]:
-            if not _set_noise(module, holder, attr, WeightNoise(seed, p.key, scale)):
+            if not _set_noise(module, holder, attr, noise[id(p)]):
                 holder._parameters[attr] = add_scaled_noise(p.param, seed, p.key, scale)
             used.add(id(p))
 
