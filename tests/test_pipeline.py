@@ -277,6 +277,40 @@ def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_
         load_recipe(None, ["train.eval_steps=0"])
 
 
+def _answer_examples(lengths: list[int], vocab: int = 256) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n - 1) + ids[-1:]})
+    return examples
+
+
+def test_answer_collator_loss_equals_the_full_logits_loss():
+    model = tiny_model().eval()
+    examples = _answer_examples([5, 12, 9])
+    batch = pipeline.AnswerCollator(pad_id=0)(examples)
+    assert batch["logits_to_keep"] == 2 and batch["labels"].shape == (3, 2)
+    with torch.no_grad():
+        out = model(**batch)
+        assert out.logits.shape[:2] == (3, 2)  # the passage's logits are never computed
+        full = [model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss
+                for e in examples]
+    torch.testing.assert_close(out.loss, torch.stack(full).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_choice_accuracy_scores_each_question_by_its_next_token():
+    model = tiny_model().eval()
+    examples = [{"input_ids": e["input_ids"], "choices": [7, 42], "label": i % 2}
+                for i, e in enumerate(_answer_examples([4, 11, 6, 9, 3]))]
+    with torch.no_grad():
+        right = 0
+        for e in examples:  # one at a time, no padding
+            logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, -1]
+            right += int(logits[e["choices"]].argmax().item() == e["label"])
+    assert pipeline.choice_accuracy(model, examples, batch_size=2, pad_id=0) == right / len(examples)
+
+
 @pytest.mark.skipif(not _real_assets("model", "tasks"), reason="the model's tokenizer and BoolQ are not fetched")
 def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
     from transformers import AutoTokenizer
@@ -299,6 +333,8 @@ def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
     assert len(example["input_ids"]) <= 96
     answer = [t for t in example["labels"] if t != -100]
     assert tokenizer.decode(answer) == " yes" and example["labels"][-len(answer):] == answer
+    choice = pipeline.choice_example(tokenizer, splits["train"][0], max_length=96)
+    assert choice["input_ids"] == example["input_ids"][:-1] and choice["choices"][1] == answer[0]
 
     metrics = pipeline.run(recipe)["metrics"]
     for stage in pipeline.STAGES:

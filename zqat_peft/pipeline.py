@@ -280,7 +280,8 @@ def prepare_eval_data(recipe: dict, tokenizer) -> dict[str, Any]:
     """What ``evaluate`` reads: the perplexity windows, and the fine-tuning task's test questions."""
     data: dict[str, Any] = {"windows": eval_windows(recipe, tokenizer)}
     if recipe["task"] == "boolq":
-        data["test"] = boolq_splits(recipe)["test"]
+        f = recipe["finetune"]
+        data["test"] = [choice_example(tokenizer, row, f["max_length"]) for row in boolq_splits(recipe)["test"]]
     return data
 
 
@@ -298,7 +299,7 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
         data["train"] = [answer_example(tokenizer, row, max_length) for row in splits["train"]]
         if t["eval_steps"]:
             data["validation"] = [answer_example(tokenizer, row, max_length) for row in splits["validation"]]
-        data["collator"] = PadCollator(tokenizer.pad_token_id)
+        data["collator"] = AnswerCollator(tokenizer.pad_token_id)
     else:
         data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"]))
         if t["eval_steps"]:
@@ -337,50 +338,64 @@ def answer_example(tokenizer, row: dict, max_length: int, answer: Optional[str] 
     return {"input_ids": ids, "labels": [-100] * (len(ids) - n_answer) + ids[-n_answer:]}
 
 
-class PadCollator:
-    """Right-pads examples of different lengths (labels with -100)."""
+def choice_example(tokenizer, row: dict, max_length: int) -> dict[str, Any]:
+    """The prompt and the token of each answer, for scoring all answers with one forward of the prompt.
+
+    Raises if an answer is not exactly one token after the prompt (one forward would then not score it).
+    """
+    examples = [answer_example(tokenizer, row, max_length, a) for a in ANSWERS]
+    prompts = [e["input_ids"][:-1] for e in examples]
+    if any(sum(t != -100 for t in e["labels"]) != 1 for e in examples) or any(p != prompts[0] for p in prompts):
+        raise RecipeError(
+            f"BoolQ scoring needs each answer {list(ANSWERS)} to be one token after the prompt; this tokenizer "
+            "splits or merges them. Use a tokenizer whose answers are single tokens (LLaMA, OPT and SmolLM2 do)."
+        )
+    return {"input_ids": prompts[0], "choices": [e["input_ids"][-1] for e in examples], "label": int(row["answer"])}
+
+
+def left_pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    return torch.tensor([[value] * (n - len(s)) + list(s) for s in seqs])
+
+
+class AnswerCollator:
+    """Left-pads prompt + answer examples so every answer ends its row, and asks the model for the logits
+    of the last positions only (``logits_to_keep``, labels cut to match): the loss reads the answer tokens
+    alone, so the vocabulary-wide logits of the passage are never computed."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(e["input_ids"]) for e in examples)
-
-        def pad(seq: list[int], value: int) -> list[int]:
-            return list(seq) + [value] * (n - len(seq))
-
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        keep = 1 + max(sum(t != -100 for t in e["labels"]) for e in examples)
+        ids = [e["input_ids"] for e in examples]
         return {
-            "input_ids": torch.tensor([pad(e["input_ids"], self.pad_id) for e in examples]),
-            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
-            "labels": torch.tensor([pad(e["labels"], -100) for e in examples]),
+            "input_ids": left_pad(ids, self.pad_id),
+            "attention_mask": left_pad([[1] * len(s) for s in ids], 0),
+            "labels": left_pad([e["labels"] for e in examples], -100)[:, -keep:],
+            "logits_to_keep": keep,
         }
 
 
 @torch.no_grad()
-def answer_log_likelihoods(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-probability of each example's labelled tokens."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    return torch.zeros(len(labels), device=device).index_add_(0, rows, -nll)
-
-
-def yes_no_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch_size: int) -> float:
-    """Share of questions where the right answer (" yes" / " no") has the higher log-likelihood."""
+def choice_accuracy(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
+    """Share of questions whose right answer has the highest next-token log-probability after the prompt."""
     was_training = model.training
     model.eval()
-    examples = [answer_example(tokenizer, row, max_length, a) for row in rows for a in ANSWERS]
-    collate = PadCollator(tokenizer.pad_token_id)
-    scores = torch.cat([answer_log_likelihoods(model, collate(examples[i:i + batch_size])).cpu()
-                        for i in range(0, len(examples), batch_size)])
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # little padding
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[start:start + batch_size]]
+        ids = [e["input_ids"] for e in batch]
+        logits = model(input_ids=left_pad(ids, pad_id).to(device),
+                       attention_mask=left_pad([[1] * len(s) for s in ids], 0).to(device),
+                       use_cache=False, logits_to_keep=1).logits[:, -1]
+        scores = logits.gather(1, torch.tensor([e["choices"] for e in batch], device=device))
+        labels = torch.tensor([e["label"] for e in batch], device=device)
+        correct += (scores.argmax(dim=1) == labels).sum().item()
     model.train(was_training)
-    predictions = scores.view(-1, len(ANSWERS)).argmax(dim=1)
-    labels = torch.tensor([int(row["answer"]) for row in rows])
-    return (predictions == labels).float().mean().item()
+    return correct / len(examples)
 
 
 # ----------------------------------------------------------------------------------- evaluate, train
@@ -399,9 +414,8 @@ def evaluate(model, tokenizer, recipe: dict, data: dict) -> dict[str, float]:
         if len(accs) > 1:
             metrics["zero_shot_avg"] = sum(accs.values()) / len(accs)
     if recipe["task"]:
-        f = recipe["finetune"]
-        metrics[f"{recipe['task']}_acc"] = yes_no_accuracy(model, tokenizer, data["test"], f["max_length"],
-                                                           f["eval_batch_size"])
+        metrics[f"{recipe['task']}_acc"] = choice_accuracy(model, data["test"], recipe["finetune"]["eval_batch_size"],
+                                                           tokenizer.pad_token_id)
     _log("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
     return metrics
 
