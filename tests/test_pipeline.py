@@ -311,6 +311,19 @@ def test_choice_accuracy_scores_each_question_by_its_next_token():
     assert pipeline.choice_accuracy(model, examples, batch_size=2, pad_id=0) == right / len(examples)
 
 
+class _CharTokenizer:
+    """One token per character: " yes" is four tokens."""
+
+    def __call__(self, text: str):
+        return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
+
+
+def test_choice_example_refuses_answers_of_several_tokens():
+    row = {"passage": "Water is wet.", "question": "is water wet", "answer": True}
+    with pytest.raises(RecipeError, match="one token after the prompt"):
+        pipeline.choice_example(_CharTokenizer(), row, max_length=64)
+
+
 @pytest.mark.skipif(not _real_assets("model", "tasks"), reason="the model's tokenizer and BoolQ are not fetched")
 def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
     from transformers import AutoTokenizer

@@ -296,6 +296,19 @@ def test_several_queries_and_logging(tmp_path):
     assert lrs[0] < lrs[1]  # warmup
 
 
+def test_every_perturbed_pass_sees_the_labels(tmp_path):
+    seen = []
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        seen.append(labels is not None)
+        return nn.functional.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    trainer = ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path, max_steps=2),
+                        train_dataset=RepeatedBatch(), compute_loss_func=loss_func)
+    trainer.train()
+    assert seen == [True] * 4  # two passes per step
+
+
 def test_lora_models_train_too(tmp_path):
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     before = trained_state(model)

@@ -98,7 +98,8 @@ class ZOTrainer(Trainer):
 
         def loss_fn() -> torch.Tensor:
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, inputs)
+                # a fresh dict per pass: with a compute_loss_func or label smoothing, compute_loss pops the labels
+                return self.compute_loss(model, dict(inputs))
 
         pairs = [spsa_losses(zo.zo_params, loss_fn, seed, zo.eps) for seed in zo.seeds]
         loss_pos = torch.stack([p for p, _ in pairs])
