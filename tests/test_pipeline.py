@@ -275,6 +275,8 @@ def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_
     assert final["eval_loss"] == pytest.approx(min(held_out.values()), rel=1e-6)  # the best one was kept
     with pytest.raises(RecipeError, match="train.eval_steps"):
         load_recipe(None, ["train.eval_steps=0"])
+    with pytest.raises(RecipeError, match="finetune.loss"):
+        load_recipe(None, ["finetune.loss=hinge"])
 
 
 def _answer_examples(lengths: list[int], vocab: int = 256) -> list[dict]:
@@ -311,6 +313,25 @@ def test_choice_accuracy_scores_each_question_by_its_next_token():
     assert pipeline.choice_accuracy(model, examples, batch_size=2, pad_id=0) == right / len(examples)
 
 
+def test_choice_loss_is_the_cross_entropy_over_the_answers():
+    model = tiny_model().eval()
+    examples = _answer_examples([5, 12, 9])
+    examples[1]["input_ids"][-1] = examples[1]["labels"][-1] = 42  # answers: token 7 or 42
+    examples[0]["input_ids"][-1] = examples[0]["labels"][-1] = examples[2]["input_ids"][-1] = 7
+    examples[2]["labels"][-1] = 7
+    batch = pipeline.AnswerCollator(pad_id=0)(examples)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        loss = pipeline.ChoiceLoss([7, 42])(model(**batch), labels)
+        expected = []
+        for e in examples:
+            logits = model(input_ids=torch.tensor([e["input_ids"][:-1]])).logits[0, -1, [7, 42]]
+            expected.append(-logits.log_softmax(-1)[int(e["labels"][-1] == 42)])
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not one of the answer tokens"):
+        pipeline.ChoiceLoss([7, 8])(model(**batch), labels)
+
+
 class _CharTokenizer:
     """One token per character: " yes" is four tokens."""
 
@@ -332,7 +353,7 @@ def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
         f"model={tiny_local_model}", f"output_dir={tmp_path / 'boolq'}", "task=boolq",
         "quant={w_bits: 4, group_size: 64, trainable: lightweight, init: rtn}",
         "train={steps: 2, batch_size: 2, logging_steps: 1}",
-        "finetune={n_train: 6, n_val: 2, n_test: 6, max_length: 96, eval_batch_size: 4}",
+        "finetune={n_train: 6, n_val: 2, n_test: 6, max_length: 96, eval_batch_size: 4, loss: choices}",
         "eval.corpora={}",
     ])
     splits = pipeline.boolq_splits(recipe)

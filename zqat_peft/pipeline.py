@@ -45,6 +45,7 @@ from .zo import ZOTrainer, ZOTrainingArguments
 STAGES = ("fp", "rtn", "init", "zeroqat")
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
 TASKS = ("boolq",)
+FINETUNE_LOSSES = ("lm", "choices")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_KEYS = (
     "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
@@ -93,7 +94,12 @@ def default_recipe() -> dict:
             "split": "test", "seq_len": 512, "max_windows": None, "batch_size": 4,
             "tasks": [], "limit": None, "zero_shot_batch_size": 8,
         },
-        "finetune": {"n_train": 1000, "n_val": 500, "n_test": 1000, "max_length": 512, "eval_batch_size": 8},
+        "finetune": {
+            "n_train": 1000, "n_val": 500, "n_test": 1000, "max_length": 512, "eval_batch_size": 8,
+            # "lm": the answer token's cross-entropy over the whole vocabulary; "choices": over the answers'
+            # logits only (MeZO's classification loss: the loss is about the decision, nothing else)
+            "loss": "lm",
+        },
     }
 
 
@@ -164,6 +170,8 @@ def check_recipe(recipe: dict) -> None:
     tasks = recipe["eval"]["tasks"]
     if not isinstance(tasks, list) or any(t not in known for t in tasks):
         raise RecipeError(f"eval.tasks must be a list of zero-shot tasks among {', '.join(known)}; got {tasks!r}")
+    if recipe["finetune"]["loss"] not in FINETUNE_LOSSES:
+        raise RecipeError(f"finetune.loss must be one of {FINETUNE_LOSSES}, got {recipe['finetune']['loss']!r}")
     for key in ("eval_steps", "eval_windows"):
         value = recipe["train"][key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -300,6 +308,8 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
         if t["eval_steps"]:
             data["validation"] = [answer_example(tokenizer, row, max_length) for row in splits["validation"]]
         data["collator"] = AnswerCollator(tokenizer.pad_token_id)
+        if recipe["finetune"]["loss"] == "choices":
+            data["loss"] = ChoiceLoss(answer_tokens(data["test"]))
     else:
         data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"]))
         if t["eval_steps"]:
@@ -377,6 +387,30 @@ class AnswerCollator:
         }
 
 
+def answer_tokens(examples: list[dict]) -> list[int]:
+    """The answers' token ids, the same for every question."""
+    choices = examples[0]["choices"]
+    if any(e["choices"] != choices for e in examples):
+        raise RecipeError("the answers tokenize differently from one question to the next; use finetune.loss=lm")
+    return choices
+
+
+class ChoiceLoss:
+    """Cross-entropy over the answers' logits only, for the Trainer's ``compute_loss_func``; reads the logits
+    that predict the last token of each row (``AnswerCollator`` puts the one-token answer there)."""
+
+    def __init__(self, choices: list[int]):
+        self.choices = choices
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        choices = torch.tensor(self.choices, device=labels.device)
+        logits = outputs.logits[:, -2, choices].float()
+        hit = labels[:, -1:] == choices
+        if not hit.any(dim=1).all():
+            raise ValueError(f"ChoiceLoss: a row's last label is not one of the answer tokens {self.choices}")
+        return torch.nn.functional.cross_entropy(logits, hit.int().argmax(dim=1))
+
+
 @torch.no_grad()
 def choice_accuracy(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
     """Share of questions whose right answer has the highest next-token log-probability after the prompt."""
@@ -441,7 +475,8 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[
         use_cpu=device == "cpu", dataloader_num_workers=0, **keep_best,
     )
     trainer = ZOTrainer(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
-                        eval_dataset=data.get("validation"))  # present only with eval_steps
+                        eval_dataset=data.get("validation"),  # present only with eval_steps
+                        compute_loss_func=data.get("loss"))  # None: the model's own loss
     trainer.train()
     if every:
         best = trainer.state.best_model_checkpoint
