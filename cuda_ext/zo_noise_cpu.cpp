@@ -1,4 +1,4 @@
-// CPU kernel of the counter-based ZO noise "zqat-noise-v1" (see zqat_peft/zo/noise.py for the
+// CPU kernel of the counter-based ZO noise "zqat-noise-v1" (see zqat_peft/noise.py for the
 // definition and its test vectors). Bit-identical to the PyTorch implementation there.
 //
 //   mix32(x):  x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16   (uint32)
@@ -222,7 +222,7 @@ void fill_noise(const at::Tensor& out, int64_t seed, int64_t key, int64_t offset
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "zqat-noise-v1 on CPU: scaled counter-based ZO noise, bit-identical to zqat_peft.zo.noise";
+  m.doc() = "zqat-noise-v1 on CPU: scaled counter-based ZO noise, bit-identical to zqat_peft.noise";
   m.attr("NOISE_VERSION") = "zqat-noise-v1";
   m.def("add_scaled_noise", &add_scaled_noise, "dst <- src + float32(scale) * z(seed, key); dst may be src",
         py::arg("src"), py::arg("dst"), py::arg("seed"), py::arg("key"), py::arg("scale"), py::arg("offset") = 0,

@@ -8,7 +8,7 @@
 //                                      (a workspace for torch.matmul / cuBLAS)
 //       gemv_packed_cuda               batch-1 y = x W^T + b straight from the packed codes
 //
-// Exactness. The noise is "zqat-noise-v1" (zqat_peft/zo/noise.py): uint32 arithmetic, logical shifts, and
+// Exactness. The noise is "zqat-noise-v1" (zqat_peft/noise.py): uint32 arithmetic, logical shifts, and
 // float32 operations written as __fmul_rn / __fadd_rn, which round separately (never contracted into an
 // FMA; the file is also built with --fmad=false). (a) is bit-identical to the PyTorch definition on any
 // device. (b), (c), (d) mirror the float32 operations of zqat_peft/quant/primitives.py as torch runs them
