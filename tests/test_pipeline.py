@@ -316,9 +316,8 @@ def test_choice_accuracy_scores_each_question_by_its_next_token():
 def test_choice_loss_is_the_cross_entropy_over_the_answers():
     model = tiny_model().eval()
     examples = _answer_examples([5, 12, 9])
-    examples[1]["input_ids"][-1] = examples[1]["labels"][-1] = 42  # answers: token 7 or 42
-    examples[0]["input_ids"][-1] = examples[0]["labels"][-1] = examples[2]["input_ids"][-1] = 7
-    examples[2]["labels"][-1] = 7
+    for e, answer in zip(examples, [7, 42, 7]):  # the answers: token 7 or token 42
+        e["input_ids"][-1] = e["labels"][-1] = answer
     batch = pipeline.AnswerCollator(pad_id=0)(examples)
     labels = batch.pop("labels")
     with torch.no_grad():
@@ -328,8 +327,10 @@ def test_choice_loss_is_the_cross_entropy_over_the_answers():
             logits = model(input_ids=torch.tensor([e["input_ids"][:-1]])).logits[0, -1, [7, 42]]
             expected.append(-logits.log_softmax(-1)[int(e["labels"][-1] == 42)])
     torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="not one of the answer tokens"):
-        pipeline.ChoiceLoss([7, 8])(model(**batch), labels)
+    test = [{"input_ids": [1], "choices": [7, 42], "label": 0}]
+    assert pipeline.answer_tokens(test, examples) == [7, 42]
+    with pytest.raises(RecipeError, match="single tokens"):
+        pipeline.answer_tokens([{**test[0], "choices": [7, 8]}], examples)  # 42 is not an answer
 
 
 class _CharTokenizer:

@@ -309,7 +309,7 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
             data["validation"] = [answer_example(tokenizer, row, max_length) for row in splits["validation"]]
         data["collator"] = AnswerCollator(tokenizer.pad_token_id)
         if recipe["finetune"]["loss"] == "choices":
-            data["loss"] = ChoiceLoss(answer_tokens(data["test"]))
+            data["loss"] = ChoiceLoss(answer_tokens(data["test"], data["train"] + data.get("validation", [])))
     else:
         data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"]))
         if t["eval_steps"]:
@@ -368,6 +368,11 @@ def left_pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([[value] * (n - len(s)) + list(s) for s in seqs])
 
 
+def left_padded_inputs(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` with every sequence ending at the last position."""
+    return {"input_ids": left_pad(ids, pad_id), "attention_mask": left_pad([[1] * len(s) for s in ids], 0)}
+
+
 class AnswerCollator:
     """Left-pads prompt + answer examples so every answer ends its row, and asks the model for the logits
     of the last positions only (``logits_to_keep``, labels cut to match): the loss reads the answer tokens
@@ -380,18 +385,21 @@ class AnswerCollator:
         keep = 1 + max(sum(t != -100 for t in e["labels"]) for e in examples)
         ids = [e["input_ids"] for e in examples]
         return {
-            "input_ids": left_pad(ids, self.pad_id),
-            "attention_mask": left_pad([[1] * len(s) for s in ids], 0),
+            **left_padded_inputs(ids, self.pad_id),
             "labels": left_pad([e["labels"] for e in examples], -100)[:, -keep:],
             "logits_to_keep": keep,
         }
 
 
-def answer_tokens(examples: list[dict]) -> list[int]:
-    """The answers' token ids, the same for every question."""
-    choices = examples[0]["choices"]
-    if any(e["choices"] != choices for e in examples):
-        raise RecipeError("the answers tokenize differently from one question to the next; use finetune.loss=lm")
+def answer_tokens(test: list[dict], trained: list[dict]) -> list[int]:
+    """The answers' token ids, checked to be the same for every test question and to be the one labelled
+    token of every training example (what ``ChoiceLoss`` assumes, checked here once, not in every pass)."""
+    choices = test[0]["choices"]
+    if any(e["choices"] != choices for e in test) or any(
+        e["labels"][-1] not in choices or e["labels"][-2] != -100 for e in trained
+    ):
+        raise RecipeError("the answers do not tokenize to the same single tokens in every question; "
+                          "use finetune.loss=lm")
     return choices
 
 
@@ -400,15 +408,13 @@ class ChoiceLoss:
     that predict the last token of each row (``AnswerCollator`` puts the one-token answer there)."""
 
     def __init__(self, choices: list[int]):
-        self.choices = choices
+        self.choices = torch.tensor(choices)
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        choices = torch.tensor(self.choices, device=labels.device)
+        # every last label is one of the choices (answer_tokens checked the data): no check, no host sync here
+        choices = self.choices.to(labels.device)
         logits = outputs.logits[:, -2, choices].float()
-        hit = labels[:, -1:] == choices
-        if not hit.any(dim=1).all():
-            raise ValueError(f"ChoiceLoss: a row's last label is not one of the answer tokens {self.choices}")
-        return torch.nn.functional.cross_entropy(logits, hit.int().argmax(dim=1))
+        return torch.nn.functional.cross_entropy(logits, (labels[:, -1:] == choices).int().argmax(dim=1))
 
 
 @torch.no_grad()
@@ -422,9 +428,8 @@ def choice_accuracy(model, examples: list[dict], batch_size: int, pad_id: int) -
     for start in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[start:start + batch_size]]
         ids = [e["input_ids"] for e in batch]
-        logits = model(input_ids=left_pad(ids, pad_id).to(device),
-                       attention_mask=left_pad([[1] * len(s) for s in ids], 0).to(device),
-                       use_cache=False, logits_to_keep=1).logits[:, -1]
+        inputs = {k: v.to(device) for k, v in left_padded_inputs(ids, pad_id).items()}
+        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         scores = logits.gather(1, torch.tensor([e["choices"] for e in batch], device=device))
         labels = torch.tensor([e["label"] for e in batch], device=device)
         correct += (scores.argmax(dim=1) == labels).sum().item()
