@@ -354,11 +354,11 @@ def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
         f"model={tiny_local_model}", f"output_dir={tmp_path / 'boolq'}", "task=boolq",
         "quant={w_bits: 4, group_size: 64, trainable: lightweight, init: rtn}",
         "train={steps: 2, batch_size: 2, logging_steps: 1}",
-        "finetune={n_train: 6, n_val: 2, n_test: 6, max_length: 96, eval_batch_size: 4, loss: choices}",
+        "finetune={n_train: 6, n_val: 6, n_test: 6, max_length: 96, eval_batch_size: 4, loss: choices}",
         "eval.corpora={}",
     ])
     splits = pipeline.boolq_splits(recipe)
-    assert [len(splits[s]) for s in ("train", "validation", "test")] == [6, 2, 6]
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [6, 6, 6]
     questions = [row["question"] for split in splits.values() for row in split]
     assert len(set(questions)) == len(questions)  # disjoint
     assert pipeline.boolq_splits(recipe) == splits  # fixed by the seed
@@ -370,6 +370,11 @@ def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
     assert tokenizer.decode(answer) == " yes" and example["labels"][-len(answer):] == answer
     choice = pipeline.choice_example(tokenizer, splits["train"][0], max_length=96)
     assert choice["input_ids"] == example["input_ids"][:-1] and choice["choices"][1] == answer[0]
+
+    # the held-out questions are evaluated shortest first (less padding), not in the split's order
+    held_out = pipeline.prepare_data({**recipe, "train": {**recipe["train"], "eval_steps": 1}}, tokenizer)["validation"]
+    in_split_order = [len(pipeline.answer_example(tokenizer, row, 96)["input_ids"]) for row in splits["validation"]]
+    assert [len(e["input_ids"]) for e in held_out] == sorted(in_split_order) != in_split_order
 
     metrics = pipeline.run(recipe)["metrics"]
     for stage in pipeline.STAGES:

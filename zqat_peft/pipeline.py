@@ -306,7 +306,9 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
         splits = boolq_splits(recipe)
         data["train"] = [answer_example(tokenizer, row, max_length) for row in splits["train"]]
         if t["eval_steps"]:
-            data["validation"] = [answer_example(tokenizer, row, max_length) for row in splits["validation"]]
+            # sorted by length: the Trainer evaluates in dataset order, and similar lengths pad little
+            held_out = [answer_example(tokenizer, row, max_length) for row in splits["validation"]]
+            data["validation"] = sorted(held_out, key=lambda e: len(e["input_ids"]))
         data["collator"] = AnswerCollator(tokenizer.pad_token_id)
         if recipe["finetune"]["loss"] == "choices":
             data["loss"] = ChoiceLoss(answer_tokens(data["test"], data["train"] + data.get("validation", [])))
