@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from zqat_peft import ZOTrainer, ZOTrainingArguments, cli, pipeline
+from zqat_peft import ZOTrainer, ZOTrainingArguments, cli, finetune, pipeline
 from zqat_peft.pipeline import RecipeError, load_recipe
 
 from .conftest import tiny_model
@@ -279,73 +279,6 @@ def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_
         load_recipe(None, ["finetune.loss=hinge"])
 
 
-def _answer_examples(lengths: list[int], vocab: int = 256) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    examples = []
-    for n in lengths:
-        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": [-100] * (n - 1) + ids[-1:]})
-    return examples
-
-
-def test_answer_collator_loss_equals_the_full_logits_loss():
-    model = tiny_model().eval()
-    examples = _answer_examples([5, 12, 9])
-    batch = pipeline.AnswerCollator(pad_id=0)(examples)
-    assert batch["logits_to_keep"] == 2 and batch["labels"].shape == (3, 2)
-    with torch.no_grad():
-        out = model(**batch)
-        assert out.logits.shape[:2] == (3, 2)  # the passage's logits are never computed
-        full = [model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss
-                for e in examples]
-    torch.testing.assert_close(out.loss, torch.stack(full).mean(), rtol=1e-5, atol=1e-5)
-
-
-def test_choice_accuracy_scores_each_question_by_its_next_token():
-    model = tiny_model().eval()
-    examples = [{"input_ids": e["input_ids"], "choices": [7, 42], "label": i % 2}
-                for i, e in enumerate(_answer_examples([4, 11, 6, 9, 3]))]
-    with torch.no_grad():
-        right = 0
-        for e in examples:  # one at a time, no padding
-            logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, -1]
-            right += int(logits[e["choices"]].argmax().item() == e["label"])
-    assert pipeline.choice_accuracy(model, examples, batch_size=2, pad_id=0) == right / len(examples)
-
-
-def test_choice_loss_is_the_cross_entropy_over_the_answers():
-    model = tiny_model().eval()
-    examples = _answer_examples([5, 12, 9])
-    for e, answer in zip(examples, [7, 42, 7]):  # the answers: token 7 or token 42
-        e["input_ids"][-1] = e["labels"][-1] = answer
-    batch = pipeline.AnswerCollator(pad_id=0)(examples)
-    labels = batch.pop("labels")
-    with torch.no_grad():
-        loss = pipeline.ChoiceLoss([7, 42])(model(**batch), labels)
-        expected = []
-        for e in examples:
-            logits = model(input_ids=torch.tensor([e["input_ids"][:-1]])).logits[0, -1, [7, 42]]
-            expected.append(-logits.log_softmax(-1)[int(e["labels"][-1] == 42)])
-    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
-    test = [{"input_ids": [1], "choices": [7, 42], "label": 0}]
-    assert pipeline.answer_tokens(test, examples) == [7, 42]
-    with pytest.raises(RecipeError, match="single tokens"):
-        pipeline.answer_tokens([{**test[0], "choices": [7, 8]}], examples)  # 42 is not an answer
-
-
-class _CharTokenizer:
-    """One token per character: " yes" is four tokens."""
-
-    def __call__(self, text: str):
-        return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
-
-
-def test_choice_example_refuses_answers_of_several_tokens():
-    row = {"passage": "Water is wet.", "question": "is water wet", "answer": True}
-    with pytest.raises(RecipeError, match="one token after the prompt"):
-        pipeline.choice_example(_CharTokenizer(), row, max_length=64)
-
-
 @pytest.mark.skipif(not _real_assets("model", "tasks"), reason="the model's tokenizer and BoolQ are not fetched")
 def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
     from transformers import AutoTokenizer
@@ -357,23 +290,23 @@ def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
         "finetune={n_train: 6, n_val: 6, n_test: 6, max_length: 96, eval_batch_size: 4, loss: choices}",
         "eval.corpora={}",
     ])
-    splits = pipeline.boolq_splits(recipe)
+    splits = pipeline.task_splits(recipe)
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [6, 6, 6]
     questions = [row["question"] for split in splits.values() for row in split]
     assert len(set(questions)) == len(questions)  # disjoint
-    assert pipeline.boolq_splits(recipe) == splits  # fixed by the seed
+    assert pipeline.task_splits(recipe) == splits  # fixed by the seed
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_local_model)
-    example = pipeline.answer_example(tokenizer, splits["train"][0], max_length=96, answer=" yes")
+    example = finetune.answer_example(tokenizer, splits["train"][0], max_length=96, answer=" yes")
     assert len(example["input_ids"]) <= 96
     answer = [t for t in example["labels"] if t != -100]
     assert tokenizer.decode(answer) == " yes" and example["labels"][-len(answer):] == answer
-    choice = pipeline.choice_example(tokenizer, splits["train"][0], max_length=96)
+    choice = finetune.choice_example(tokenizer, splits["train"][0], max_length=96)
     assert choice["input_ids"] == example["input_ids"][:-1] and choice["choices"][1] == answer[0]
 
     # the held-out questions are evaluated shortest first (less padding), not in the split's order
     held_out = pipeline.prepare_data({**recipe, "train": {**recipe["train"], "eval_steps": 1}}, tokenizer)["validation"]
-    in_split_order = [len(pipeline.answer_example(tokenizer, row, 96)["input_ids"]) for row in splits["validation"]]
+    in_split_order = [len(finetune.answer_example(tokenizer, row, 96)["input_ids"]) for row in splits["validation"]]
     assert [len(e["input_ids"]) for e in held_out] == sorted(in_split_order) != in_split_order
 
     metrics = pipeline.run(recipe)["metrics"]

@@ -12,9 +12,9 @@ A *recipe* (YAML, see ``recipes/``) says which model, how to quantize, calibrate
     DONE             written last: a run without it did not finish
 
 Two kinds of job: language modelling (``task: null``; ZO training on fixed-length windows of
-``train.data``), and fine-tuning (``task: boolq``; MeZO's protocol: 1000 train / 500 validation / 1000
-test questions drawn from BoolQ's validation split with a fixed seed, the loss on the answer tokens only,
-accuracy = " yes" vs " no" by log-likelihood on the test questions).
+``train.data``), and fine-tuning (``task: boolq``, the pieces in ``zqat_peft.finetune``; MeZO's protocol:
+1000 train / 500 validation / 1000 test questions drawn from BoolQ's validation split with a fixed seed, the
+loss on the answer token only, accuracy = " yes" vs " no" by log-likelihood on the test questions).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .calibration import calibrate, calibration_batches
 from .data import ASSETS, MODELS, TEXT_CORPORA, load_model_and_tokenizer, load_text, task_data_dir
 from .evaluation import encode_joined, perplexity, token_windows
 from .evaluation.zeroshot import available_tasks
+from . import finetune
 from .tuner import ZeroQATConfig, ZQATLinear
 from .zo import ZOTrainer, ZOTrainingArguments
 
@@ -51,8 +52,6 @@ QUANT_KEYS = (
     "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
     "trainable_modules", "init", "smooth", "calib_epochs", "calib_lr", "calib_smooth_lr", "calib_alpha",
 )
-BOOLQ_PROMPT = "{passage}\nQuestion: {question}?\nAnswer:"
-ANSWERS = (" no", " yes")  # index = the label (BoolQ's `answer` as an int)
 
 
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -284,12 +283,18 @@ class TokenWindows(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
+def task_splits(recipe: dict) -> dict[str, list[dict]]:
+    """The fine-tuning task's train / validation / test questions, as the recipe's ``finetune`` sizes them."""
+    f = recipe["finetune"]
+    return finetune.boolq_splits(f["n_train"], f["n_val"], f["n_test"], recipe["seed"])
+
+
 def prepare_eval_data(recipe: dict, tokenizer) -> dict[str, Any]:
     """What ``evaluate`` reads: the perplexity windows, and the fine-tuning task's test questions."""
     data: dict[str, Any] = {"windows": eval_windows(recipe, tokenizer)}
     if recipe["task"] == "boolq":
-        f = recipe["finetune"]
-        data["test"] = [choice_example(tokenizer, row, f["max_length"]) for row in boolq_splits(recipe)["test"]]
+        max_length = recipe["finetune"]["max_length"]
+        data["test"] = [finetune.choice_example(tokenizer, row, max_length) for row in task_splits(recipe)["test"]]
     return data
 
 
@@ -303,15 +308,16 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
     t = recipe["train"]
     if recipe["task"] == "boolq":
         max_length = recipe["finetune"]["max_length"]
-        splits = boolq_splits(recipe)
-        data["train"] = [answer_example(tokenizer, row, max_length) for row in splits["train"]]
+        splits = task_splits(recipe)
+        data["train"] = [finetune.answer_example(tokenizer, row, max_length) for row in splits["train"]]
         if t["eval_steps"]:
             # sorted by length: the Trainer evaluates in dataset order, and similar lengths pad little
-            held_out = [answer_example(tokenizer, row, max_length) for row in splits["validation"]]
+            held_out = [finetune.answer_example(tokenizer, row, max_length) for row in splits["validation"]]
             data["validation"] = sorted(held_out, key=lambda e: len(e["input_ids"]))
-        data["collator"] = AnswerCollator(tokenizer.pad_token_id)
+        data["collator"] = finetune.AnswerCollator(tokenizer.pad_token_id)
         if recipe["finetune"]["loss"] == "choices":
-            data["loss"] = ChoiceLoss(answer_tokens(data["test"], data["train"] + data.get("validation", [])))
+            answers = finetune.answer_tokens(data["test"], data["train"] + data.get("validation", []))
+            data["loss"] = finetune.ChoiceLoss(answers)
     else:
         data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"]))
         if t["eval_steps"]:
@@ -319,124 +325,6 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
             data["validation"] = TokenWindows(token_windows(held_out, t["seq_len"], t["eval_windows"]))
         data["collator"] = None  # transformers' default: the windows have one length
     return data
-
-
-# ---------------------------------------------------------------------------------------- BoolQ
-
-
-def boolq_splits(recipe: dict) -> dict[str, list[dict]]:
-    """MeZO's protocol: disjoint train / validation / test questions drawn from BoolQ's validation split
-    in an order fixed by the recipe's seed."""
-    import datasets
-
-    f = recipe["finetune"]
-    ds = datasets.load_from_disk(str(task_data_dir("boolq")))
-    n_train, n_val, n_test = f["n_train"], f["n_val"], f["n_test"]
-    if n_train + n_val + n_test > len(ds):
-        raise RecipeError(f"finetune asks for {n_train + n_val + n_test} BoolQ questions; the split has {len(ds)}")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(recipe["seed"])).tolist()
-    rows = [ds[i] for i in order[:n_train + n_val + n_test]]
-    return {"train": rows[:n_train], "validation": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
-
-
-def answer_example(tokenizer, row: dict, max_length: int, answer: Optional[str] = None) -> dict[str, list[int]]:
-    """Prompt + answer tokens (the passage cut from the left to fit ``max_length``); labels only on the answer."""
-    answer = ANSWERS[int(row["answer"])] if answer is None else answer
-    prompt = BOOLQ_PROMPT.format(passage=row["passage"], question=row["question"])
-    n_prompt = len(tokenizer(prompt).input_ids)
-    ids = tokenizer(prompt + answer).input_ids
-    n_answer = max(1, len(ids) - n_prompt)
-    ids = ids[-max_length:]
-    return {"input_ids": ids, "labels": [-100] * (len(ids) - n_answer) + ids[-n_answer:]}
-
-
-def choice_example(tokenizer, row: dict, max_length: int) -> dict[str, Any]:
-    """The prompt and the token of each answer, for scoring all answers with one forward of the prompt.
-
-    Raises if an answer is not exactly one token after the prompt (one forward would then not score it).
-    """
-    examples = [answer_example(tokenizer, row, max_length, a) for a in ANSWERS]
-    prompts = [e["input_ids"][:-1] for e in examples]
-    if any(sum(t != -100 for t in e["labels"]) != 1 for e in examples) or any(p != prompts[0] for p in prompts):
-        raise RecipeError(
-            f"BoolQ scoring needs each answer {list(ANSWERS)} to be one token after the prompt; this tokenizer "
-            "splits or merges them. Use a tokenizer whose answers are single tokens (LLaMA, OPT and SmolLM2 do)."
-        )
-    return {"input_ids": prompts[0], "choices": [e["input_ids"][-1] for e in examples], "label": int(row["answer"])}
-
-
-def left_pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    n = max(len(s) for s in seqs)
-    return torch.tensor([[value] * (n - len(s)) + list(s) for s in seqs])
-
-
-def left_padded_inputs(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` with every sequence ending at the last position."""
-    return {"input_ids": left_pad(ids, pad_id), "attention_mask": left_pad([[1] * len(s) for s in ids], 0)}
-
-
-class AnswerCollator:
-    """Left-pads prompt + answer examples so every answer ends its row, and asks the model for the logits
-    of the last positions only (``logits_to_keep``, labels cut to match): the loss reads the answer tokens
-    alone, so the vocabulary-wide logits of the passage are never computed."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, examples: list[dict]) -> dict[str, Any]:
-        keep = 1 + max(sum(t != -100 for t in e["labels"]) for e in examples)
-        ids = [e["input_ids"] for e in examples]
-        return {
-            **left_padded_inputs(ids, self.pad_id),
-            "labels": left_pad([e["labels"] for e in examples], -100)[:, -keep:],
-            "logits_to_keep": keep,
-        }
-
-
-def answer_tokens(test: list[dict], trained: list[dict]) -> list[int]:
-    """The answers' token ids, checked to be the same for every test question and to be the one labelled
-    token of every training example (what ``ChoiceLoss`` assumes, checked here once, not in every pass)."""
-    choices = test[0]["choices"]
-    if any(e["choices"] != choices for e in test) or any(
-        e["labels"][-1] not in choices or e["labels"][-2] != -100 for e in trained
-    ):
-        raise RecipeError("the answers do not tokenize to the same single tokens in every question; "
-                          "use finetune.loss=lm")
-    return choices
-
-
-class ChoiceLoss:
-    """Cross-entropy over the answers' logits only, for the Trainer's ``compute_loss_func``; reads the logits
-    that predict the last token of each row (``AnswerCollator`` puts the one-token answer there)."""
-
-    def __init__(self, choices: list[int]):
-        self.choices = torch.tensor(choices)
-
-    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        # every last label is one of the choices (answer_tokens checked the data): no check, no host sync here
-        choices = self.choices.to(labels.device)
-        logits = outputs.logits[:, -2, choices].float()
-        return torch.nn.functional.cross_entropy(logits, (labels[:, -1:] == choices).int().argmax(dim=1))
-
-
-@torch.no_grad()
-def choice_accuracy(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
-    """Share of questions whose right answer has the highest next-token log-probability after the prompt."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # little padding
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        batch = [examples[i] for i in order[start:start + batch_size]]
-        ids = [e["input_ids"] for e in batch]
-        inputs = {k: v.to(device) for k, v in left_padded_inputs(ids, pad_id).items()}
-        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-        scores = logits.gather(1, torch.tensor([e["choices"] for e in batch], device=device))
-        labels = torch.tensor([e["label"] for e in batch], device=device)
-        correct += (scores.argmax(dim=1) == labels).sum().item()
-    model.train(was_training)
-    return correct / len(examples)
 
 
 # ----------------------------------------------------------------------------------- evaluate, train
@@ -455,8 +343,9 @@ def evaluate(model, tokenizer, recipe: dict, data: dict) -> dict[str, float]:
         if len(accs) > 1:
             metrics["zero_shot_avg"] = sum(accs.values()) / len(accs)
     if recipe["task"]:
-        metrics[f"{recipe['task']}_acc"] = choice_accuracy(model, data["test"], recipe["finetune"]["eval_batch_size"],
-                                                           tokenizer.pad_token_id)
+        accuracy = finetune.choice_accuracy(model, data["test"], recipe["finetune"]["eval_batch_size"],
+                                            tokenizer.pad_token_id)
+        metrics[f"{recipe['task']}_acc"] = accuracy
     _log("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
     return metrics
 
