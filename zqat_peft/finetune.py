@@ -111,9 +111,10 @@ class ChoiceLoss:
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         # every last label is one of the choices (answer_tokens checked the data): no check, no host sync here
-        choices = self.choices.to(labels.device)
-        logits = outputs.logits[:, -2, choices].float()
-        return torch.nn.functional.cross_entropy(logits, (labels[:, -1:] == choices).int().argmax(dim=1))
+        if self.choices.device != labels.device:  # once: not a host-to-device copy in every ZO pass
+            self.choices = self.choices.to(labels.device)
+        logits = outputs.logits[:, -2, self.choices].float()
+        return torch.nn.functional.cross_entropy(logits, (labels[:, -1:] == self.choices).int().argmax(dim=1))
 
 
 @torch.no_grad()

@@ -35,11 +35,11 @@ import torch
 import yaml
 from peft import PeftModel, get_peft_model
 
+from . import finetune
 from .calibration import calibrate, calibration_batches
-from .data import ASSETS, MODELS, TEXT_CORPORA, load_model_and_tokenizer, load_text, task_data_dir
+from .data import ASSETS, MODELS, TEXT_CORPORA, load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
 from .evaluation.zeroshot import available_tasks
-from . import finetune
 from .tuner import ZeroQATConfig, ZQATLinear
 from .zo import ZOTrainer, ZOTrainingArguments
 
