@@ -54,7 +54,9 @@ def main() -> None:
         losses = [h["loss"] for h in history if "loss" in h]
         results["runs"].append({"overrides": overrides, "train_seconds": seconds, "metrics": metrics,
                                 "first_loss": losses[0] if losses else None,
-                                "last_loss": losses[-1] if losses else None})
+                                "last_loss": losses[-1] if losses else None,
+                                # with train.eval_steps: the held-out loss per check (the best one is kept)
+                                "eval_losses": {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}})
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -356,6 +356,8 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[
 
     With ``train.eval_steps`` the Trainer measures the held-out loss every eval_steps steps, checkpoints
     there, and ends by loading the best checkpoint (``load_best_model_at_end``), as MeZO's protocol does.
+    The starting model is a candidate too (its held-out loss is logged at step 0): when no checkpoint beats
+    it, training gave nothing and the start is what comes back, not the least bad checkpoint.
     """
     t = recipe["train"]
     every = t["eval_steps"]
@@ -374,10 +376,19 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[
     trainer = ZOTrainer(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
                         eval_dataset=data.get("validation"),  # present only with eval_steps
                         compute_loss_func=data.get("loss"))  # None: the model's own loss
+    if every:
+        start = work_dir / "start"
+        trainer.save_model(str(start))
+        at_start = {**trainer.evaluate(), "step": 0}  # train() starts a new log history: kept apart
+        start_loss = at_start["eval_loss"]
     trainer.train()
     if every:
-        best = trainer.state.best_model_checkpoint
-        _log(f"  kept {Path(best).name if best else 'the last step'} (held-out loss {_fmt(trainer.state.best_metric)})")
+        best, best_loss = trainer.state.best_model_checkpoint, trainer.state.best_metric
+        if best is None or start_loss <= best_loss:
+            model.load_adapter(str(start), model.active_adapter)
+            best, best_loss = start, start_loss
+        _log(f"  kept {Path(best).name} (held-out loss {_fmt(best_loss)}; at the start {_fmt(start_loss)})")
+        return [at_start, *trainer.state.log_history]
     return trainer.state.log_history
 
 
