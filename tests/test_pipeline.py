@@ -254,47 +254,45 @@ def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, ca
     assert cli.main(["export", "--adapter", str(out / "adapter"), "--out", str(merged_dir)]) == 2
 
 
-@needs_model_and_wiki
-def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_model, tmp_path):
+def _train_with_held_out_checks(model_dir: Path, work: Path, steps: int, lr: float):
+    """W3 RTN on the tiny model, ZO-trained with a held-out check every 2 steps; returns the model, its
+    data, its weights at the start and the held-out loss per checked step."""
     recipe = load_recipe(None, [
-        f"model={tiny_local_model}", f"output_dir={tmp_path / 'best'}",
+        f"model={model_dir}", f"output_dir={work / 'run'}",
         "quant={w_bits: 3, group_size: 64, trainable: full, init: rtn}",
-        "train={steps: 6, batch_size: 2, seq_len: 32, lr: 1.0, logging_steps: 1, eval_steps: 2, eval_windows: 4}",
+        f"train={{steps: {steps}, batch_size: 2, seq_len: 32, lr: {lr}, logging_steps: 1, eval_steps: 2, eval_windows: 4}}",
         "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
     ])
     model, tokenizer = pipeline.quantized_model(recipe, "cpu", "rtn")
     data = pipeline.prepare_data(recipe, tokenizer)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    history = pipeline.train(model, recipe, data, work / "trainer", "cpu")
+    return model, data, start, {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+
+
+@needs_model_and_wiki
+def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_model, tmp_path):
+    model, data, _, held_out = _train_with_held_out_checks(tiny_local_model, tmp_path, steps=6, lr=1.0)
     assert len(data["validation"]) == 4
-    history = pipeline.train(model, recipe, data, tmp_path / "work", "cpu")
-    held_out = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
     assert sorted(held_out) == [0, 2, 4, 6]  # 0: the starting model
     assert held_out[6] > min(held_out.values())  # lr 1.0 overshoots: the last step is not the best
     trainer_args = ZOTrainingArguments(output_dir=str(tmp_path / "eval"), report_to=[], use_cpu=True,
-                                                per_device_eval_batch_size=2)
+                                       per_device_eval_batch_size=2)
     final = ZOTrainer(model=model, args=trainer_args, eval_dataset=data["validation"]).evaluate()
     assert final["eval_loss"] == pytest.approx(min(held_out.values()), rel=1e-6)  # the best one was kept
     with pytest.raises(RecipeError, match="train.eval_steps"):
         load_recipe(None, ["train.eval_steps=0"])
+    with pytest.raises(RecipeError, match="finetune.loss"):
+        load_recipe(None, ["finetune.loss=hinge"])
 
 
 @needs_model_and_wiki
 def test_eval_steps_gives_back_the_start_when_no_checkpoint_beats_it(tiny_local_model, tmp_path):
-    recipe = load_recipe(None, [
-        f"model={tiny_local_model}", f"output_dir={tmp_path / 'start'}",
-        "quant={w_bits: 3, group_size: 64, trainable: full, init: rtn}",
-        "train={steps: 4, batch_size: 2, seq_len: 32, lr: -1.0, logging_steps: 1, eval_steps: 2, eval_windows: 4}",
-        "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
-    ])
-    model, tokenizer = pipeline.quantized_model(recipe, "cpu", "rtn")
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    history = pipeline.train(model, recipe, pipeline.prepare_data(recipe, tokenizer), tmp_path / "work", "cpu")
-    held_out = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    model, _, start, held_out = _train_with_held_out_checks(tiny_local_model, tmp_path, steps=4, lr=-1.0)
     assert held_out[0] < min(held_out[2], held_out[4])  # lr < 0: gradient ascent, worse at every check
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, start[name]), name  # the start came back, bit for bit
-    with pytest.raises(RecipeError, match="finetune.loss"):
-        load_recipe(None, ["finetune.loss=hinge"])
 
 
 @pytest.mark.skipif(not _real_assets("model", "tasks"), reason="the model's tokenizer and BoolQ are not fetched")
