@@ -282,6 +282,10 @@ def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_
     assert final["eval_loss"] == pytest.approx(min(held_out.values()), rel=1e-6)  # the best one was kept
     with pytest.raises(RecipeError, match="train.eval_steps"):
         load_recipe(None, ["train.eval_steps=0"])
+    with pytest.raises(RecipeError, match=r"train.eval_steps \(300\) is larger than train.steps \(200\)"):
+        load_recipe(None, ["train.steps=200", "train.eval_steps=300"])
+    with pytest.raises(RecipeError, match="train.steps must be a positive integer"):
+        load_recipe(None, ["train.steps=abc", "train.eval_steps=10"])
     with pytest.raises(RecipeError, match="finetune.loss"):
         load_recipe(None, ["finetune.loss=hinge"])
 

@@ -172,11 +172,17 @@ def check_recipe(recipe: dict) -> None:
         raise RecipeError(f"eval.tasks must be a list of zero-shot tasks among {', '.join(known)}; got {tasks!r}")
     if recipe["finetune"]["loss"] not in FINETUNE_LOSSES:
         raise RecipeError(f"finetune.loss must be one of {FINETUNE_LOSSES}, got {recipe['finetune']['loss']!r}")
-    for key in ("eval_steps", "eval_windows"):
-        value = recipe["train"][key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    t = recipe["train"]
+    for key in ("steps", "eval_steps", "eval_windows"):
+        if t[key] is None and key == "eval_steps":
+            continue  # null: no held-out checks
+        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
             raise RecipeError(f"train.{key} must be a positive integer{' or null' if key == 'eval_steps' else ''}, "
-                              f"got {value!r}")
+                              f"got {t[key]!r}")
+    if t["eval_steps"] is not None and t["eval_steps"] > t["steps"]:
+        # no check would run during training, and the run would give back the start, untrained
+        raise RecipeError(f"train.eval_steps ({t['eval_steps']}) is larger than train.steps ({t['steps']}): "
+                          "lower it or set it to null")
     quant_config(recipe)  # ZeroQATConfig checks the quantization settings
 
 
