@@ -3,7 +3,8 @@ setting trains a fresh copy of it and is evaluated (wiki perplexity, the recipe'
 
 Settings are lists of recipe overrides; each ``--set`` is one setting, e.g.
 ``--set train.lr=1e-5 train.steps=100 --set train.lr=3e-6 train.steps=300``. The quant and calibration
-sections must not change between settings (the init is shared). Prints a table and writes JSON.
+sections must not change between settings (the init is shared), nor the training windows (train.loss,
+max_windows, data, seq_len; with ``train.loss=distill`` the full-precision targets are computed once). Prints a table and writes JSON.
 
     python benchmarks/zo_sweep.py --recipe recipes/demo.yaml --set train.lr=1e-5 --set train.lr=3e-6
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 
 from zqat_peft import calibrate
-from zqat_peft.pipeline import evaluate, load_recipe, pick_device, prepare_data, quantized_model, train
+from zqat_peft.pipeline import (add_teacher, evaluate, load_base, load_recipe, pick_device, prepare_data,
+                               quantized_model, train)
 
 
 def main() -> None:
@@ -32,12 +34,23 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.base)
     settings = [load_recipe(args.recipe, [*args.base, *s]) for s in args.set]
+    shared = ("loss", "max_windows", "data", "seq_len")  # the training windows (and their teacher) are shared
     for s in settings:
         if s["quant"] != recipe["quant"] or s["calibration"] != recipe["calibration"]:
             raise SystemExit("--set may change train/eval keys only: the initialized model is shared")
+        if any(s["train"][k] != recipe["train"][k] for k in shared):
+            raise SystemExit(f"--set may not change train.{{{','.join(shared)}}}: the training data is shared "
+                             "(put them in --base)")
     device = pick_device()
+    data = None
+    if recipe["train"]["loss"] == "distill":
+        fp_model, tokenizer = load_base(recipe, device)
+        data = prepare_data(recipe, tokenizer)
+        add_teacher(fp_model, recipe, data)
+        del fp_model
     init_model, tokenizer = quantized_model(recipe, device, recipe["quant"]["init"])
-    data = prepare_data(recipe, tokenizer)
+    if data is None:
+        data = prepare_data(recipe, tokenizer)
     start = time.perf_counter()
     if recipe["quant"]["init"] == "calibrate":
         calibrate(init_model, data["calibration"], progress=False)

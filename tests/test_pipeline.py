@@ -299,6 +299,43 @@ def test_eval_steps_gives_back_the_start_when_no_checkpoint_beats_it(tiny_local_
             assert torch.equal(p, start[name]), name  # the start came back, bit for bit
 
 
+@needs_model_and_wiki
+def test_distill_trains_on_the_full_precision_models_targets(tiny_local_model, tmp_path):
+    from zqat_peft.distill import TeacherWindows, distillation_loss, teacher_top_k
+
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", f"output_dir={tmp_path / 'run'}",
+        "quant={w_bits: 3, group_size: 64, trainable: full, init: rtn}",
+        "train={loss: distill, steps: 4, batch_size: 2, seq_len: 32, logging_steps: 1, eval_steps: 2, eval_windows: 4}",
+        "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
+    ])
+    fp_model, tokenizer = pipeline.load_base(recipe, "cpu")
+    data = pipeline.prepare_data(recipe, tokenizer)
+    assert len(data["train"]) == 4 * 2  # one pass: each window needs a full-precision forward first
+    model, _ = pipeline.quantized_model(recipe, "cpu", "rtn")
+    with pytest.raises(ValueError, match="add_teacher"):
+        pipeline.train(model, recipe, data, tmp_path / "trainer", "cpu")
+
+    pipeline.add_teacher(fp_model, recipe, data)
+    assert isinstance(data["train"], TeacherWindows) and isinstance(data["validation"], TeacherWindows)
+    windows = data["validation"].windows
+    assert torch.equal(data["validation"].teacher_ids, teacher_top_k(fp_model, windows)[0])
+    with torch.no_grad():
+        at_start = distillation_loss(model(input_ids=windows).logits, data["validation"].teacher_ids,
+                                     data["validation"].teacher_logprobs)
+    history = pipeline.train(model, recipe, data, tmp_path / "trainer", "cpu")
+    held_out = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    assert sorted(held_out) == [0, 2, 4]
+    assert held_out[0] == pytest.approx(at_start.item(), rel=1e-5)  # the checks measure the KL, not the CE
+
+    with pytest.raises(RecipeError, match="train.loss must be one of"):
+        load_recipe(None, ["train.loss=mse"])
+    with pytest.raises(RecipeError, match="train.loss=distill is for language modelling"):
+        load_recipe(None, ["train.loss=distill", "task=boolq"])
+    with pytest.raises(RecipeError, match="train.max_windows must be a positive integer or null"):
+        load_recipe(None, ["train.max_windows=0"])
+
+
 @pytest.mark.skipif(not _real_assets("model", "tasks"), reason="the model's tokenizer and BoolQ are not fetched")
 def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
     from transformers import AutoTokenizer

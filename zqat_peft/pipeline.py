@@ -35,7 +35,7 @@ import torch
 import yaml
 from peft import PeftModel, get_peft_model
 
-from . import finetune
+from . import distill, finetune
 from .calibration import calibrate, calibration_batches
 from .data import ASSETS, MODELS, TEXT_CORPORA, load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
@@ -47,6 +47,7 @@ STAGES = ("fp", "rtn", "init", "zeroqat")
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
 TASKS = ("boolq",)
 FINETUNE_LOSSES = ("lm", "choices")
+TRAIN_LOSSES = ("ce", "distill")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_KEYS = (
     "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
@@ -84,6 +85,13 @@ def default_recipe() -> dict:
             "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
             "grad_clip": None, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "logging_steps": 10,
             "bf16": False,
+            # "ce": next-token cross-entropy on train.data; "distill": KL to the full-precision model's top-k
+            # next-token distribution on the same windows (zqat_peft.distill), which keeps the model close to
+            # what it was rather than fitting train.data
+            "loss": "ce",
+            # the first max_windows windows of train.data's train split; null: all of them ("distill": the
+            # steps * batch_size windows one pass visits, since each needs a full-precision forward first)
+            "max_windows": None,
             # Every eval_steps steps, the loss on held-out data (the first eval_windows windows of train.data's
             # validation split; BoolQ: the validation questions); the best checkpoint is the result. null: off.
             "eval_steps": None, "eval_windows": 32,
@@ -173,12 +181,17 @@ def check_recipe(recipe: dict) -> None:
     if recipe["finetune"]["loss"] not in FINETUNE_LOSSES:
         raise RecipeError(f"finetune.loss must be one of {FINETUNE_LOSSES}, got {recipe['finetune']['loss']!r}")
     t = recipe["train"]
-    for key in ("steps", "eval_steps", "eval_windows"):
-        if t[key] is None and key == "eval_steps":
-            continue  # null: no held-out checks
+    for key in ("steps", "eval_steps", "eval_windows", "max_windows"):
+        nullable = key in ("eval_steps", "max_windows")
+        if t[key] is None and nullable:
+            continue
         if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
-            raise RecipeError(f"train.{key} must be a positive integer{' or null' if key == 'eval_steps' else ''}, "
-                              f"got {t[key]!r}")
+            raise RecipeError(f"train.{key} must be a positive integer{' or null' if nullable else ''}, got {t[key]!r}")
+    if t["loss"] not in TRAIN_LOSSES:
+        raise RecipeError(f"train.loss must be one of {TRAIN_LOSSES}, got {t['loss']!r}")
+    if t["loss"] == "distill" and recipe["task"] is not None:
+        raise RecipeError("train.loss=distill is for language modelling (task: null); a fine-tuning task "
+                          "trains on its answers (finetune.loss)")
     if t["eval_steps"] is not None and t["eval_steps"] > t["steps"]:
         # no check would run during training, and the run would give back the start, untrained
         raise RecipeError(f"train.eval_steps ({t['eval_steps']}) is larger than train.steps ({t['steps']}): "
@@ -326,12 +339,25 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
             answers = finetune.answer_tokens(data["test"], data["train"] + data.get("validation", []))
             data["loss"] = finetune.ChoiceLoss(answers)
     else:
-        data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"]))
+        n = t["max_windows"]
+        if n is None and t["loss"] == "distill":
+            n = t["steps"] * t["batch_size"]
+        data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"], n))
         if t["eval_steps"]:
             held_out = corpus_tokens(tokenizer, t["data"], "validation")
             data["validation"] = TokenWindows(token_windows(held_out, t["seq_len"], t["eval_windows"]))
         data["collator"] = None  # transformers' default: the windows have one length
     return data
+
+
+def add_teacher(fp_model, recipe: dict, data: dict) -> None:
+    """For ``train.loss: distill``: give the training (and held-out) windows the full-precision model's
+    top-k next-token targets. Run with the full-precision model, before it is quantized or dropped."""
+    for split in ("train", "validation"):
+        if split in data:
+            windows = data[split].windows
+            ids, logprobs = distill.teacher_top_k(fp_model, windows, batch_size=recipe["train"]["batch_size"])
+            data[split] = distill.TeacherWindows(windows, ids, logprobs)
 
 
 # ----------------------------------------------------------------------------------- evaluate, train
@@ -379,9 +405,15 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[
         logging_steps=t["logging_steps"], report_to=[], seed=recipe["seed"], bf16=t["bf16"],
         use_cpu=device == "cpu", dataloader_num_workers=0, **keep_best,
     )
-    trainer = ZOTrainer(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
-                        eval_dataset=data.get("validation"),  # present only with eval_steps
-                        compute_loss_func=data.get("loss"))  # None: the model's own loss
+    trainer_class = ZOTrainer
+    if t["loss"] == "distill":
+        if not isinstance(data["train"], distill.TeacherWindows):
+            raise ValueError("train.loss=distill needs the teacher's targets: call add_teacher(fp_model, recipe, "
+                             "data) with the full-precision model before training")
+        trainer_class = distill.DistillZOTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
+                            eval_dataset=data.get("validation"),  # present only with eval_steps
+                            compute_loss_func=data.get("loss"))  # None: the model's own loss
     if every:
         start = work_dir / "start"
         trainer.save_model(str(start))
@@ -414,6 +446,9 @@ def run(recipe: dict) -> dict[str, Any]:
         data = prepare_data(recipe, tokenizer)
     with _timed("fp", timings):
         metrics["fp"] = evaluate(model, tokenizer, recipe, data)
+    if recipe["train"]["loss"] == "distill":
+        with _timed("teacher", timings):
+            add_teacher(model, recipe, data)
     del model
     with _timed("rtn", timings):
         model, _ = quantized_model(recipe, device, "rtn")

@@ -1,0 +1,50 @@
+"""Distillation to the full-precision model (zqat_peft.distill)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zqat_peft.distill import TeacherWindows, distillation_loss, teacher_top_k
+
+from .conftest import tiny_model
+
+
+def test_distillation_loss_over_the_whole_vocabulary_is_the_kl():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    log_p = teacher.log_softmax(-1)
+    ids = torch.arange(11).expand(2, 5, 11)
+    expected = F.kl_div(student.log_softmax(-1), log_p, log_target=True, reduction="none").sum(-1).mean()
+    assert distillation_loss(student, ids, log_p) == pytest.approx(expected.item(), rel=1e-5)
+    assert distillation_loss(teacher, ids, log_p).abs() < 1e-6  # the teacher itself: no loss
+
+
+def test_distillation_loss_on_the_top_k_is_positive_until_the_mass_matches():
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(3, 4, 50, generator=gen)
+    top, ids = teacher.log_softmax(-1).topk(5, dim=-1)
+    assert distillation_loss(teacher, ids, top) > 0  # the teacher puts mass outside its top 5
+    exact = torch.full_like(teacher, -1e4).scatter(-1, ids, top)  # all mass on the top 5, in p's proportions
+    assert distillation_loss(exact, ids, top).abs() < 1e-5
+    assert distillation_loss(torch.randn(3, 4, 50, generator=gen), ids, top) > distillation_loss(teacher, ids, top)
+
+
+def test_teacher_top_k_is_the_models_most_likely_next_tokens():
+    model = tiny_model()
+    windows = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(2))
+    ids, logprobs = teacher_top_k(model, windows, k=4, batch_size=2)
+    assert ids.shape == logprobs.shape == (5, 12, 4)
+    assert ids.dtype == torch.int32 and logprobs.dtype == torch.float16  # small: kept for every training window
+    with torch.no_grad():
+        expected, expected_ids = model(input_ids=windows).logits.log_softmax(-1).topk(4, dim=-1)
+    assert torch.equal(ids, expected_ids.to(torch.int32))
+    torch.testing.assert_close(logprobs.float(), expected, atol=2e-3, rtol=1e-3)
+
+    data = TeacherWindows(windows, ids, logprobs)
+    assert len(data) == 5 and torch.equal(data[3]["teacher_ids"], ids[3]) and torch.equal(data[3]["labels"], windows[3])
+    with pytest.raises(ValueError, match="do not match the windows"):
+        TeacherWindows(windows[:4], ids, logprobs)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        teacher_top_k(model, windows, k=0)

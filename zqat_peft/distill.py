@@ -1,0 +1,88 @@
+"""Training against the full-precision model's next-token distribution (``train.loss: distill``).
+
+Cross-entropy on the training text pulls the quantized model toward that text (Wikipedia here), and what
+it learns there need not carry to other text or to zero-shot tasks. The distillation target is the
+full-precision model itself: its top-k next-token probabilities at every position of every training
+window, computed once before quantization and kept as small tensors (k ids + k log-probabilities per
+position), so the full-precision weights need not stay in memory while training.
+
+- ``teacher_top_k``: the full-precision model's top-k tokens and log-probabilities for a set of windows.
+- ``TeacherWindows``: token windows with those targets, as training / held-out examples.
+- ``distillation_loss``: KL(teacher's top-k distribution, renormalized || the model's distribution).
+- ``DistillZOTrainer``: ZOTrainer whose loss is ``distillation_loss`` (training and held-out checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .zo import ZOTrainer
+
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
+
+
+@torch.no_grad()
+def teacher_top_k(model: nn.Module, windows: torch.Tensor, k: int = 32,
+                  batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """For [n, T] token windows: ``(ids, logprobs)``, both [n, T, k], the model's k most likely next tokens
+    at each position (int32) and their log-probabilities (float16), most likely first."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    device = next(model.parameters()).device
+    ids, logprobs = [], []
+    for batch in windows.split(batch_size):
+        logits = model(input_ids=batch.to(device)).logits.float()
+        top, idx = (logits - logits.logsumexp(-1, keepdim=True)).topk(k, dim=-1)
+        ids.append(idx.to(torch.int32).cpu())
+        logprobs.append(top.to(torch.float16).cpu())
+    return torch.cat(ids), torch.cat(logprobs)
+
+
+class TeacherWindows(torch.utils.data.Dataset):
+    """Causal-LM windows with the teacher's top-k next-token targets at every position."""
+
+    def __init__(self, windows: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor):
+        if teacher_ids.shape[:2] != windows.shape or teacher_logprobs.shape != teacher_ids.shape:
+            raise ValueError(f"teacher targets {tuple(teacher_ids.shape)} / {tuple(teacher_logprobs.shape)} do "
+                             f"not match the windows {tuple(windows.shape)}")
+        self.windows, self.teacher_ids, self.teacher_logprobs = windows, teacher_ids, teacher_logprobs
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.windows[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+                "teacher_ids": self.teacher_ids[i], "teacher_logprobs": self.teacher_logprobs[i]}
+
+
+def distillation_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p || q): p the teacher's top-k distribution renormalized, q the model's
+    distribution over the whole vocabulary (restricted to the k tokens, so q sums to <= 1 and the KL is >= 0,
+    0 only when the model puts exactly p's mass on them). logits [B, T, V]; teacher tensors [B, T, k]."""
+    logits = logits.float()
+    log_q = logits.gather(-1, teacher_ids.long()) - logits.logsumexp(-1, keepdim=True)
+    log_p = teacher_logprobs.float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+class DistillZOTrainer(ZOTrainer):
+    """ZOTrainer on ``distillation_loss``; the examples carry ``teacher_ids`` / ``teacher_logprobs``
+    (``TeacherWindows``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # label columns are kept by the Trainer (not dropped as unknown to the model) and mark an
+        # evaluation batch as one with a loss
+        self.label_names = ["labels", *TEACHER_KEYS]
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Optional[torch.Tensor] = None):
+        teacher_ids, teacher_logprobs = (inputs.pop(key) for key in TEACHER_KEYS)
+        inputs.pop("labels", None)  # the model's own cross-entropy is not wanted
+        outputs = model(**inputs)
+        loss = distillation_loss(outputs.logits, teacher_ids, teacher_logprobs)
+        return (loss, outputs) if return_outputs else loss
