@@ -22,10 +22,11 @@ from torch import nn
 from .zo import ZOTrainer
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
+TOP_K = 32  # SmolLM2-135M puts 84% of its next-token mass on its top 32 tokens on wiki (top 8: 72%, top 128: 91%)
 
 
 @torch.no_grad()
-def teacher_top_k(model: nn.Module, windows: torch.Tensor, k: int = 32,
+def teacher_top_k(model: nn.Module, windows: torch.Tensor, k: int = TOP_K,
                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """For [n, T] token windows: ``(ids, logprobs)``, both [n, T, k], the model's k most likely next tokens
     at each position (int32) and their log-probabilities (float16), most likely first."""

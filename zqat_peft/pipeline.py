@@ -358,6 +358,8 @@ def add_teacher(fp_model, recipe: dict, data: dict) -> None:
             windows = data[split].windows
             ids, logprobs = distill.teacher_top_k(fp_model, windows, batch_size=recipe["train"]["batch_size"])
             data[split] = distill.TeacherWindows(windows, ids, logprobs)
+            size = ids.nbytes + logprobs.nbytes
+            _log(f"  {split}: the full-precision targets of {len(windows)} windows ({size / 2**20:.0f} MiB)")
 
 
 # ----------------------------------------------------------------------------------- evaluate, train
@@ -554,6 +556,8 @@ def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
     steps = f"{t['steps']} ZO steps at batch {t['batch_size']}"
     if recipe["task"] is None:
         steps += f" x {t['seq_len']} tokens of {t['data']}"
+        if t["loss"] == "distill":
+            steps += f" (loss: KL to the full-precision model's top-{distill.TOP_K} next tokens)"
     ev = recipe["eval"]
     time_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in timings.items())
     return f"""# ZeroQAT run `{recipe['name']}`
