@@ -4,7 +4,8 @@ setting trains a fresh copy of it and is evaluated (wiki perplexity, the recipe'
 Settings are lists of recipe overrides; each ``--set`` is one setting, e.g.
 ``--set train.lr=1e-5 train.steps=100 --set train.lr=3e-6 train.steps=300``. The quant and calibration
 sections must not change between settings (the init is shared), nor the training windows (train.loss,
-max_windows, data, seq_len; with ``train.loss=distill`` the full-precision targets are computed once). Prints a table and writes JSON.
+max_windows, data, seq_len; with ``train.loss=distill`` the full-precision targets are computed once).
+Prints a table and writes JSON.
 
     python benchmarks/zo_sweep.py --recipe recipes/demo.yaml --set train.lr=1e-5 --set train.lr=3e-6
 """

@@ -35,8 +35,7 @@ def teacher_top_k(model: nn.Module, windows: torch.Tensor, k: int = TOP_K,
     device = next(model.parameters()).device
     ids, logprobs = [], []
     for batch in windows.split(batch_size):
-        logits = model(input_ids=batch.to(device)).logits.float()
-        top, idx = (logits - logits.logsumexp(-1, keepdim=True)).topk(k, dim=-1)
+        top, idx = model(input_ids=batch.to(device)).logits.float().log_softmax(-1).topk(k, dim=-1)
         ids.append(idx.to(torch.int32).cpu())
         logprobs.append(top.to(torch.float16).cpu())
     return torch.cat(ids), torch.cat(logprobs)
