@@ -125,6 +125,16 @@ def test_metrics_table_has_a_row_per_metric_and_a_column_per_stage():
     assert lines[3] == "| piqa | 0.6100 | 0.5500 | - | - |"
 
 
+def test_report_states_the_zero_shot_sampling_error():
+    metrics = {"fp": {"wiki_ppl": 20.8, "piqa": 0.61}}
+    limited = load_recipe(None, ["name=r", "eval.tasks=[piqa]", "eval.limit=100"])
+    assert "first 100 documents" in (text := pipeline.report(limited, metrics, {}, "cpu"))
+    assert "standard error of up to 0.050" in text
+    whole = load_recipe(None, ["name=r", "eval.tasks=[piqa]"])
+    assert "every document" in pipeline.report(whole, metrics, {}, "cpu")
+    assert "Zero-shot" not in pipeline.report(load_recipe(None, ["name=r"]), metrics, {}, "cpu")
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 

@@ -559,12 +559,19 @@ def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
         if t["loss"] == "distill":
             steps += f" (loss: KL to the full-precision model's top-{distill.TOP_K} next tokens)"
     ev = recipe["eval"]
+    tasks = ""
+    if ev["tasks"]:
+        docs = f"the first {ev['limit']} documents" if ev["limit"] else "every document"
+        tasks = f"\nZero-shot: {docs} of each task's evaluation split"
+        if isinstance(ev["limit"], int):  # a binomial standard error is at most 0.5 / sqrt(n)
+            tasks += f"; each accuracy carries a standard error of up to {0.5 / math.sqrt(ev['limit']):.3f}"
+        tasks += "."
     time_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in timings.items())
     return f"""# ZeroQAT run `{recipe['name']}`
 
 {recipe['model']}, {bits} group size {q['group_size']}, trainable {q['trainable']}, init {q['init']};
 {steps}, lr {t['lr']}, eps {t['eps']}; device {device}.
-Perplexity: {ev['split']} split, windows of {ev['seq_len']} tokens (at most {ev['max_windows'] or 'all'} per corpus).
+Perplexity: {ev['split']} split, windows of {ev['seq_len']} tokens (at most {ev['max_windows'] or 'all'} per corpus).{tasks}
 `init` is the model ZO training starts from (the RTN model when init is rtn).
 
 {metrics_table(metrics)}
