@@ -235,7 +235,7 @@ def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, ca
 
     out = tmp_path / "run"
     recipe = load_recipe(None, [
-        f"model={tiny_local_model}", f"output_dir={out}",
+        f"model={tiny_local_model}", f"output_dir={out}", "save_init=true",
         "quant={w_bits: 3, a_bits: 8, group_size: 64, trainable: full, init: calibrate, calib_epochs: 1, smooth: false}",
         "calibration={n_samples: 4, seq_len: 64, batch_size: 2}",
         "train={steps: 2, batch_size: 2, seq_len: 32, logging_steps: 1}",
@@ -250,6 +250,10 @@ def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, ca
     assert cli.main(["eval", "--adapter", str(out / "adapter"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["wiki_ppl"] == pytest.approx(metrics["zeroqat"]["wiki_ppl"], rel=1e-6)
+    assert cli.main(["eval", "--adapter", str(out / "init_adapter"), "--json"]) == 0  # save_init: the start
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["wiki_ppl"] == pytest.approx(metrics["init"]["wiki_ppl"], rel=1e-6)
+    assert printed["wiki_ppl"] != pytest.approx(metrics["zeroqat"]["wiki_ppl"], rel=1e-6)
 
     merged_dir = tmp_path / "merged"
     assert cli.main(["export", "--adapter", str(out / "adapter"), "--out", str(merged_dir)]) == 0
@@ -298,6 +302,8 @@ def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_
         load_recipe(None, ["train.steps=abc", "train.eval_steps=10"])
     with pytest.raises(RecipeError, match="finetune.loss"):
         load_recipe(None, ["finetune.loss=hinge"])
+    with pytest.raises(RecipeError, match="save_init must be true or false"):
+        load_recipe(None, ["save_init=yes please"])
 
 
 @needs_model_and_wiki

@@ -9,6 +9,7 @@ A *recipe* (YAML, see ``recipes/``) says which model, how to quantize, calibrate
     loss_curve.png   the ZO training loss
     report.md        the metrics table, the settings and the timings
     adapter/         the trained adapter (PeftModel.from_pretrained(base, "runs/NAME/adapter"))
+    init_adapter/    the model training started from (only with ``save_init: true``)
     DONE             written last: a run without it did not finish
 
 Two kinds of job: language modelling (``task: null``; ZO training on fixed-length windows of
@@ -78,6 +79,9 @@ def default_recipe() -> dict:
         "model": "smollm2-135m",  # a zqat_peft.data model name, a local folder or a Hub id
         "dtype": "float32",
         "seed": 0,
+        # also write runs/NAME/init_adapter, the model ZO training starts from, so it can be evaluated later
+        # on more data (zqat eval --adapter runs/NAME/init_adapter) against runs/NAME/adapter
+        "save_init": False,
         "task": None,  # None: language modelling; "boolq": fine-tuning
         "quant": {k: copy.deepcopy(getattr(quant, k)) for k in QUANT_KEYS},  # ZeroQATConfig fields
         "calibration": {"data": "wiki", "n_samples": 32, "seq_len": 256, "batch_size": 4},
@@ -196,6 +200,8 @@ def check_recipe(recipe: dict) -> None:
         # no check would run during training, and the run would give back the start, untrained
         raise RecipeError(f"train.eval_steps ({t['eval_steps']}) is larger than train.steps ({t['steps']}): "
                           "lower it or set it to null")
+    if not isinstance(recipe["save_init"], bool):
+        raise RecipeError(f"save_init must be true or false, got {recipe['save_init']!r}")
     quant_config(recipe)  # ZeroQATConfig checks the quantization settings
 
 
@@ -464,6 +470,8 @@ def run(recipe: dict) -> dict[str, Any]:
             metrics["init"] = evaluate(model, tokenizer, recipe, data)
     else:  # the RTN model is the initialization
         metrics["init"] = dict(metrics["rtn"])
+    if recipe["save_init"]:
+        save_adapter(model, out / "init_adapter")
     with _timed("train", timings):
         history = train(model, recipe, data, out / ".trainer", device)
         shutil.rmtree(out / ".trainer", ignore_errors=True)
