@@ -316,6 +316,55 @@ def test_eval_steps_gives_back_the_start_when_no_checkpoint_beats_it(tiny_local_
 
 
 @needs_model_and_wiki
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model, tmp_path, monkeypatch, capsys):
+    def recipe(name: str, *more: str) -> dict:
+        return load_recipe(None, [
+            f"model={tiny_local_model}", f"output_dir={tmp_path / name}", "name=resumable",
+            "quant={w_bits: 3, group_size: 64, trainable: lightweight, init: calibrate, calib_epochs: 1}",
+            "calibration={n_samples: 4, seq_len: 64, batch_size: 2}",
+            "train={steps: 6, batch_size: 2, seq_len: 32, lr: 1e-3, logging_steps: 1, eval_steps: 2, eval_windows: 4}",
+            "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}", *more,
+        ])
+
+    whole = pipeline.run(recipe("whole"))
+    assert whole["metrics"]["zeroqat"] != whole["metrics"]["init"]  # training kept a checkpoint after the start
+
+    step = ZOTrainer.training_step
+    def stop_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise RuntimeError("power cut")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZOTrainer, "training_step", stop_at_step_3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pipeline.run(recipe("cut"))
+    monkeypatch.setattr(ZOTrainer, "training_step", step)
+    cut = tmp_path / "cut"
+    assert not pipeline.is_done(cut) and (cut / ".trainer" / "checkpoint-2").is_dir()
+
+    assert cli.main(["train", "--recipe", str(cut / "config.yaml"), "--resume", "train.lr=2e-3"]) == 2
+    assert "differs from the interrupted run's" in capsys.readouterr().err  # and names the key:
+    with pytest.raises(RecipeError, match="in train.lr;"):
+        pipeline.resume_state(cut, recipe("cut", "train.lr=2e-3"))
+    with pytest.raises(RecipeError, match="no checkpoint to resume from"):
+        pipeline.run(recipe("never_started"), resume=True)
+
+    steps_taken = []
+    def count(self, *args, **kwargs):
+        steps_taken.append(self.state.global_step)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZOTrainer, "training_step", count)
+    resumed = pipeline.run(recipe("cut"), resume=True)
+    assert steps_taken == [2, 3, 4, 5]  # from the checkpoint at step 2, not from the start
+    assert resumed["metrics"] == whole["metrics"]  # bit for bit: the same trajectory from the same start
+    assert set(resumed["timings"]) >= {"fp", "rtn", "calibration", "init", "train", "zeroqat"}
+    assert pipeline.is_done(cut) and not (cut / pipeline.STAGES_FILE).exists() and not (cut / ".trainer").exists()
+    with pytest.raises(RecipeError, match="holds a finished run"):
+        pipeline.run(recipe("cut"), resume=True)
+
+
+@needs_model_and_wiki
 def test_distill_trains_on_the_full_precision_models_targets(tiny_local_model, tmp_path):
     from zqat_peft.distill import TeacherWindows, distillation_loss, teacher_top_k
 

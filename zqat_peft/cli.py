@@ -1,7 +1,7 @@
 """The ``zqat`` command: fetch assets, run a recipe, evaluate or export an adapter, run the demo.
 
     zqat fetch [model wiki lee austen tasks]
-    zqat train --recipe recipes/NAME.yaml [key=value ...]
+    zqat train --recipe recipes/NAME.yaml [--resume] [key=value ...]
     zqat eval --adapter runs/NAME/adapter [--recipe recipes/NAME.yaml] [key=value ...]
     zqat export --adapter runs/NAME/adapter --out DIR
     zqat demo [key=value ...]
@@ -24,8 +24,8 @@ import yaml
 
 from .data import ASSETS, fetch
 from .pipeline import (
-    AssetError, evaluate, load_adapter, load_recipe, merge_for_export, metrics_table, pick_device, prepare_eval_data,
-    required_assets, run,
+    AssetError, evaluate, load_adapter, load_recipe, merge_for_export, metrics_table, output_dir, pick_device,
+    prepare_eval_data, required_assets, resume_state, run,
 )
 from .zo import ZODivergenceError
 
@@ -47,7 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except EXPECTED_ERRORS as e:
         return _fail(str(e))
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted (a training run with train.eval_steps goes on from its last check with "
+                     "zqat train --resume and the same recipe)", 130)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run a recipe: FP / RTN / init / ZeroQAT evaluation, into runs/NAME/")
     t.add_argument("--recipe", required=True, help="recipes/NAME.yaml (or just NAME)")
+    t.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted run of the same recipe from its last checkpoint (train.eval_steps)")
     t.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=50")
     t.set_defaults(func=cmd_train)
 
@@ -100,19 +103,21 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    _train(load_recipe(find_recipe(args.recipe), args.overrides))
+    _train(load_recipe(find_recipe(args.recipe), args.overrides), args.resume)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     _train(load_recipe(find_recipe("demo"), args.overrides))
 
 
-def _train(recipe: dict) -> None:
+def _train(recipe: dict, resume: bool = False) -> None:
+    if resume:
+        resume_state(output_dir(recipe), recipe)  # nothing to resume: refused before any asset is fetched
     try:
         fetch(required_assets(recipe))
     except RuntimeError as e:
         raise UsageError(str(e)) from e
-    result = run(recipe)
+    result = run(recipe, resume)
     out = Path(result["output_dir"])
     print(metrics_table(result["metrics"]))
     print(f"\nwall time {result['timings']['total']:.0f} s; report: {out / 'report.md'}; adapter: {out / 'adapter'}")

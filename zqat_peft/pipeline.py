@@ -12,6 +12,9 @@ A *recipe* (YAML, see ``recipes/``) says which model, how to quantize, calibrate
     init_adapter/    the model training started from (only with ``save_init: true``)
     DONE             written last: a run without it did not finish
 
+While it runs, ``.trainer/`` holds the checkpoints (with ``train.eval_steps``) and ``.stages.json`` the
+evaluations done before training, so that ``run(recipe, resume=True)`` can go on after an interruption.
+
 Two kinds of job: language modelling (``task: null``; ZO training on fixed-length windows of
 ``train.data``), and fine-tuning (``task: boolq``, the pieces in ``zqat_peft.finetune``; MeZO's protocol:
 1000 train / 500 validation / 1000 test questions drawn from BoolQ's validation split with a fixed seed, the
@@ -45,6 +48,7 @@ from .tuner import ZeroQATConfig, ZQATLinear
 from .zo import ZOTrainer, ZOTrainingArguments
 
 STAGES = ("fp", "rtn", "init", "zeroqat")
+STAGES_FILE = ".stages.json"  # the evaluations done before training, kept until the run is done (for resume)
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
 TASKS = ("boolq",)
 FINETUNE_LOSSES = ("lm", "choices")
@@ -248,12 +252,13 @@ def quantized_model(recipe: dict, device: str, init: str):
     return get_peft_model(base, quant_config(recipe, init=init)), tokenizer
 
 
-def load_adapter(recipe: dict, adapter_dir: str | os.PathLike, device: str):
-    """The base model with a saved ZeroQAT adapter, in eval mode."""
+def load_adapter(recipe: dict, adapter_dir: str | os.PathLike, device: str, trainable: bool = False):
+    """The base model with a saved ZeroQAT adapter: in eval mode, or with its weights trainable again."""
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no adapter in {adapter_dir} (no adapter_config.json); expected e.g. runs/NAME/adapter")
     base, tokenizer = load_base(recipe, device)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tokenizer
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    return (model if trainable else model.eval()), tokenizer
 
 
 @torch.no_grad()
@@ -391,8 +396,9 @@ def evaluate(model, tokenizer, recipe: dict, data: dict) -> dict[str, float]:
     return metrics
 
 
-def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[dict]:
-    """ZO-train the model in place with ZOTrainer; returns the trainer's log history.
+def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: bool = False) -> list[dict]:
+    """ZO-train the model in place with ZOTrainer; returns the trainer's log history. ``resume``: go on from
+    the last checkpoint in ``work_dir`` (``model`` is then the starting model, ``work_dir/start``).
 
     With ``train.eval_steps`` the Trainer measures the held-out loss every eval_steps steps, checkpoints
     there, and ends by loading the best checkpoint (``load_best_model_at_end``), as MeZO's protocol does.
@@ -424,10 +430,11 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[
                             compute_loss_func=data.get("loss"))  # None: the model's own loss
     if every:
         start = work_dir / "start"
-        trainer.save_model(str(start))
+        if not resume:
+            trainer.save_model(str(start))
         at_start = {**trainer.evaluate(), "step": 0}  # train() starts a new log history: kept apart
         start_loss = at_start["eval_loss"]
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume or None)  # True: the last checkpoint in work_dir
     if every:
         best, best_loss = trainer.state.best_model_checkpoint, trainer.state.best_metric
         if best is None or start_loss <= best_loss:
@@ -441,23 +448,52 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str) -> list[
 # -------------------------------------------------------------------------------------------- run
 
 
-def run(recipe: dict) -> dict[str, Any]:
-    """The whole job; returns ``{"output_dir", "metrics", "timings"}`` (also written to the output folder)."""
+def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
+    """The whole job; returns ``{"output_dir", "metrics", "timings"}`` (also written to the output folder).
+
+    ``resume``: go on with an interrupted run of the same recipe from its last checkpoint (runs checkpoint
+    with ``train.eval_steps``); the evaluations it finished before training are not repeated."""
     out = output_dir(recipe)
+    metrics, timings = resume_state(out, recipe) if resume else ({}, {})
     out.mkdir(parents=True, exist_ok=True)
     (out / "DONE").unlink(missing_ok=True)
+    if not resume:  # an earlier interrupted run's checkpoints would mix with this run's
+        shutil.rmtree(out / ".trainer", ignore_errors=True)
     write_text(out / "config.yaml", yaml.safe_dump(recipe, sort_keys=False))
-    device, timings, metrics = pick_device(), {}, {}
-    start = time.perf_counter()
+    device = pick_device()
+    start = time.perf_counter() - sum(timings.values())  # resumed: the stages done before count too
     with _timed("data", timings):
         model, tokenizer = load_base(recipe, device)
         data = prepare_data(recipe, tokenizer)
-    with _timed("fp", timings):
-        metrics["fp"] = evaluate(model, tokenizer, recipe, data)
+    if not resume:
+        with _timed("fp", timings):
+            metrics["fp"] = evaluate(model, tokenizer, recipe, data)
     if recipe["train"]["loss"] == "distill":
         with _timed("teacher", timings):
             add_teacher(model, recipe, data)
     del model
+    if resume:
+        model, _ = load_adapter(recipe, out / ".trainer" / "start", device, trainable=True)
+    else:
+        model = initial_model(recipe, tokenizer, data, device, metrics, timings)
+        if recipe["save_init"]:
+            save_adapter(model, out / "init_adapter")
+        write_text(out / STAGES_FILE, json.dumps({"metrics": metrics, "timings": timings}))
+    with _timed("train", timings):
+        history = train(model, recipe, data, out / ".trainer", device, resume)
+        shutil.rmtree(out / ".trainer", ignore_errors=True)
+    with _timed("zeroqat", timings):
+        metrics["zeroqat"] = evaluate(model, tokenizer, recipe, data)
+    timings["total"] = time.perf_counter() - start
+    save_adapter(model, out / "adapter")
+    write_outputs(out, recipe, metrics, timings, history, device)
+    (out / STAGES_FILE).unlink(missing_ok=True)
+    return {"output_dir": str(out), "metrics": metrics, "timings": timings}
+
+
+def initial_model(recipe: dict, tokenizer, data: dict, device: str, metrics: dict, timings: dict):
+    """The RTN model and, with ``init: calibrate``, the calibrated one, each evaluated into ``metrics``;
+    returns the model training starts from."""
     with _timed("rtn", timings):
         model, _ = quantized_model(recipe, device, "rtn")
         metrics["rtn"] = evaluate(model, tokenizer, recipe, data)
@@ -470,17 +506,31 @@ def run(recipe: dict) -> dict[str, Any]:
             metrics["init"] = evaluate(model, tokenizer, recipe, data)
     else:  # the RTN model is the initialization
         metrics["init"] = dict(metrics["rtn"])
-    if recipe["save_init"]:
-        save_adapter(model, out / "init_adapter")
-    with _timed("train", timings):
-        history = train(model, recipe, data, out / ".trainer", device)
-        shutil.rmtree(out / ".trainer", ignore_errors=True)
-    with _timed("zeroqat", timings):
-        metrics["zeroqat"] = evaluate(model, tokenizer, recipe, data)
-    timings["total"] = time.perf_counter() - start
-    save_adapter(model, out / "adapter")
-    write_outputs(out, recipe, metrics, timings, history, device)
-    return {"output_dir": str(out), "metrics": metrics, "timings": timings}
+    return model
+
+
+def resume_state(out: Path, recipe: dict) -> tuple[dict, dict]:
+    """The metrics and timings an interrupted run of ``recipe`` in ``out`` recorded before training; one
+    clear error when there is nothing to resume or the recipe is not the one that run used."""
+    if is_done(out):
+        raise RecipeError(f"{out} holds a finished run; nothing to resume (remove it or pick another name)")
+    config, stages = out / "config.yaml", out / STAGES_FILE
+    checkpoints = list((out / ".trainer").glob("checkpoint-*"))
+    if not (config.is_file() and stages.is_file() and (out / ".trainer" / "start").is_dir() and checkpoints):
+        raise RecipeError(f"{out} has no checkpoint to resume from (runs checkpoint only with train.eval_steps, "
+                          "at the first check); run without --resume to start over")
+    before = yaml.safe_load(config.read_text(encoding="utf-8"))
+    changed = sorted(k for k in valid_keys() if _get(before, k) != _get(recipe, k))
+    if changed:
+        raise RecipeError(f"the recipe differs from the interrupted run's ({config}) in {', '.join(changed)}; "
+                          "resume with the same recipe and overrides")
+    saved = json.loads(stages.read_text(encoding="utf-8"))
+    return saved["metrics"], saved["timings"]
+
+
+def _get(recipe: dict, key: str) -> Any:
+    section, _, sub = key.partition(".")
+    return recipe.get(section, {}).get(sub) if sub else recipe.get(section)
 
 
 @contextmanager
