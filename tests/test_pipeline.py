@@ -349,6 +349,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
     with pytest.raises(RecipeError, match="no checkpoint to resume from"):
         pipeline.run(recipe("never_started"), resume=True)
 
+    before_training = json.loads((cut / pipeline.STAGES_FILE).read_text())["timings"]
     steps_taken = []
     def count(self, *args, **kwargs):
         steps_taken.append(self.state.global_step)
@@ -358,7 +359,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
     resumed = pipeline.run(recipe("cut"), resume=True)
     assert steps_taken == [2, 3, 4, 5]  # from the checkpoint at step 2, not from the start
     assert resumed["metrics"] == whole["metrics"]  # bit for bit: the same trajectory from the same start
-    assert set(resumed["timings"]) >= {"fp", "rtn", "calibration", "init", "train", "zeroqat"}
+    for stage in ("fp", "rtn", "calibration", "init"):  # measured before the cut, not again
+        assert resumed["timings"][stage] == before_training[stage], stage
     assert pipeline.is_done(cut) and not (cut / pipeline.STAGES_FILE).exists() and not (cut / ".trainer").exists()
     with pytest.raises(RecipeError, match="holds a finished run"):
         pipeline.run(recipe("cut"), resume=True)
