@@ -365,6 +365,25 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
     with pytest.raises(RecipeError, match="holds a finished run"):
         pipeline.run(recipe("cut"), resume=True)
 
+    # cut during the final evaluation: the trained adapter is already saved, so only that evaluation is redone
+    evaluate, evaluations = pipeline.evaluate, []
+    def cut_at_the_fourth(*args, **kwargs):  # fp, rtn, init, then zeroqat
+        evaluations.append(len(evaluations))
+        if len(evaluations) == 4:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate", cut_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(recipe("late_cut"))
+    late = tmp_path / "late_cut"
+    assert (late / "adapter").is_dir() and not (late / ".trainer").exists() and not pipeline.is_done(late)
+    steps_taken.clear()
+    resumed = pipeline.run(recipe("late_cut"), resume=True)
+    assert steps_taken == [] and len(evaluations) == 5  # no training, one evaluation
+    assert resumed["metrics"] == whole["metrics"]  # the saved adapter evaluates as the model in memory did
+    assert pipeline.is_done(late) and (late / "loss_curve.png").is_file()
+
 
 @needs_model_and_wiki
 def test_distill_trains_on_the_full_precision_models_targets(tiny_local_model, tmp_path):

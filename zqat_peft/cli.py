@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run a recipe: FP / RTN / init / ZeroQAT evaluation, into runs/NAME/")
     t.add_argument("--recipe", required=True, help="recipes/NAME.yaml (or just NAME)")
     t.add_argument("--resume", action="store_true",
-                   help="go on with an interrupted run of the same recipe from its last checkpoint (train.eval_steps)")
+                   help="go on with an interrupted run of the same recipe from its last checkpoint "
+                        "(train.eval_steps) or, if training had finished, its trained adapter")
     t.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=50")
     t.set_defaults(func=cmd_train)
 

@@ -13,7 +13,8 @@ A *recipe* (YAML, see ``recipes/``) says which model, how to quantize, calibrate
     DONE             written last: a run without it did not finish
 
 While it runs, ``.trainer/`` holds the checkpoints (with ``train.eval_steps``) and ``.stages.json`` the
-evaluations done before training, so that ``run(recipe, resume=True)`` can go on after an interruption.
+evaluations done before training (then the training log too, once ``adapter/`` is saved), so that
+``run(recipe, resume=True)`` can go on after an interruption.
 
 Two kinds of job: language modelling (``task: null``; ZO training on fixed-length windows of
 ``train.data``), and fine-tuning (``task: boolq``, the pieces in ``zqat_peft.finetune``; MeZO's protocol:
@@ -48,7 +49,7 @@ from .tuner import ZeroQATConfig, ZQATLinear
 from .zo import ZOTrainer, ZOTrainingArguments
 
 STAGES = ("fp", "rtn", "init", "zeroqat")
-STAGES_FILE = ".stages.json"  # the evaluations done before training, kept until the run is done (for resume)
+STAGES_FILE = ".stages.json"  # the stages an unfinished run has done (metrics, timings, training log), for resume
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
 TASKS = ("boolq",)
 FINETUNE_LOSSES = ("lm", "choices")
@@ -451,10 +452,13 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
 def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     """The whole job; returns ``{"output_dir", "metrics", "timings"}`` (also written to the output folder).
 
-    ``resume``: go on with an interrupted run of the same recipe from its last checkpoint (runs checkpoint
-    with ``train.eval_steps``); the evaluations it finished before training are not repeated."""
+    ``resume``: go on with an interrupted run of the same recipe: from its last checkpoint (runs checkpoint
+    with ``train.eval_steps``), or, when training had finished, from the trained adapter; the stages it
+    finished are not repeated."""
     out = output_dir(recipe)
-    metrics, timings = resume_state(out, recipe) if resume else ({}, {})
+    saved = resume_state(out, recipe) if resume else {"metrics": {}, "timings": {}}
+    metrics, timings = saved["metrics"], saved["timings"]
+    history = saved.get("history")  # present once training has finished
     out.mkdir(parents=True, exist_ok=True)
     (out / "DONE").unlink(missing_ok=True)
     if not resume:  # an earlier interrupted run's checkpoints would mix with this run's
@@ -468,24 +472,29 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     if not resume:
         with _timed("fp", timings):
             metrics["fp"] = evaluate(model, tokenizer, recipe, data)
-    if recipe["train"]["loss"] == "distill":
+    if history is None and recipe["train"]["loss"] == "distill":
         with _timed("teacher", timings):
             add_teacher(model, recipe, data)
     del model
-    if resume:
+    if history is not None:
+        model, _ = load_adapter(recipe, out / "adapter", device)
+    elif resume:
         model, _ = load_adapter(recipe, out / ".trainer" / "start", device, trainable=True)
     else:
         model = initial_model(recipe, tokenizer, data, device, metrics, timings)
         if recipe["save_init"]:
             save_adapter(model, out / "init_adapter")
         write_text(out / STAGES_FILE, json.dumps({"metrics": metrics, "timings": timings}))
-    with _timed("train", timings):
-        history = train(model, recipe, data, out / ".trainer", device, resume)
+    if history is None:
+        with _timed("train", timings):
+            history = train(model, recipe, data, out / ".trainer", device, resume)
+        # the trained model is kept before its evaluation, so an interruption there loses no training
+        save_adapter(model, out / "adapter")
+        write_text(out / STAGES_FILE, json.dumps({"metrics": metrics, "timings": timings, "history": history}))
         shutil.rmtree(out / ".trainer", ignore_errors=True)
     with _timed("zeroqat", timings):
         metrics["zeroqat"] = evaluate(model, tokenizer, recipe, data)
     timings["total"] = time.perf_counter() - start
-    save_adapter(model, out / "adapter")
     write_outputs(out, recipe, metrics, timings, history, device)
     (out / STAGES_FILE).unlink(missing_ok=True)
     return {"output_dir": str(out), "metrics": metrics, "timings": timings}
@@ -509,14 +518,19 @@ def initial_model(recipe: dict, tokenizer, data: dict, device: str, metrics: dic
     return model
 
 
-def resume_state(out: Path, recipe: dict) -> tuple[dict, dict]:
-    """The metrics and timings an interrupted run of ``recipe`` in ``out`` recorded before training; one
-    clear error when there is nothing to resume or the recipe is not the one that run used."""
+def resume_state(out: Path, recipe: dict) -> dict[str, Any]:
+    """What an interrupted run of ``recipe`` in ``out`` recorded: the ``metrics`` and ``timings`` of the stages
+    it finished, and the training log ``history`` once training had finished; one clear error when there is
+    nothing to resume or the recipe is not the one that run used."""
     if is_done(out):
         raise RecipeError(f"{out} holds a finished run; nothing to resume (remove it or pick another name)")
     config, stages = out / "config.yaml", out / STAGES_FILE
-    checkpoints = list((out / ".trainer").glob("checkpoint-*"))
-    if not (config.is_file() and stages.is_file() and (out / ".trainer" / "start").is_dir() and checkpoints):
+    saved = json.loads(stages.read_text(encoding="utf-8")) if stages.is_file() else {}
+    if "history" in saved:
+        resumable = (out / "adapter").is_dir()
+    else:
+        resumable = (out / ".trainer" / "start").is_dir() and any((out / ".trainer").glob("checkpoint-*"))
+    if not (config.is_file() and saved and resumable):
         raise RecipeError(f"{out} has no checkpoint to resume from (runs checkpoint only with train.eval_steps, "
                           "at the first check); run without --resume to start over")
     before = yaml.safe_load(config.read_text(encoding="utf-8"))
@@ -524,8 +538,7 @@ def resume_state(out: Path, recipe: dict) -> tuple[dict, dict]:
     if changed:
         raise RecipeError(f"the recipe differs from the interrupted run's ({config}) in {', '.join(changed)}; "
                           "resume with the same recipe and overrides")
-    saved = json.loads(stages.read_text(encoding="utf-8"))
-    return saved["metrics"], saved["timings"]
+    return saved
 
 
 def _get(recipe: dict, key: str) -> Any:
