@@ -8,7 +8,8 @@ batches A and B. Over the n directions:
   whatever rounding of the weights the perturbation flips, which every batch sees); 1 = noise-free, 0 = the
   estimate is all batch noise (data, and rounding of the activations, which differs per batch);
 - corr(eps, next eps) on batch A: whether g measures the same slope at the next, larger eps (low when the
-  loss is rough at that scale);
+  loss is rough at that scale; read corr(A, B) with it: flipped weight roundings are shared by both batches
+  and raise corr(A, B) without being a slope);
 - rms g: the size of the estimate (the update is lr * g * z).
 
 No training: two forwards per (direction, eps, batch). Prints a table and writes JSON.
