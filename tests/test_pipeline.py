@@ -356,8 +356,15 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(ZOTrainer, "training_step", count)
+    load_base, bases_loaded = pipeline.load_base, []
+    def count_bases(*args, **kwargs):
+        bases_loaded.append(1)
+        return load_base(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_base", count_bases)
     resumed = pipeline.run(recipe("cut"), resume=True)
     assert steps_taken == [2, 3, 4, 5]  # from the checkpoint at step 2, not from the start
+    assert len(bases_loaded) == 1  # the saved start's base only: no full-precision model without distill
     assert resumed["metrics"] == whole["metrics"]  # bit for bit: the same trajectory from the same start
     for stage in ("fp", "rtn", "calibration", "init"):  # measured before the cut, not again
         assert resumed["timings"][stage] == before_training[stage], stage
@@ -378,9 +385,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
         pipeline.run(recipe("late_cut"))
     late = tmp_path / "late_cut"
     assert (late / "adapter").is_dir() and not (late / ".trainer").exists() and not pipeline.is_done(late)
-    steps_taken.clear()
+    steps_taken.clear(), bases_loaded.clear()
     resumed = pipeline.run(recipe("late_cut"), resume=True)
     assert steps_taken == [] and len(evaluations) == 5  # no training, one evaluation
+    assert len(bases_loaded) == 1  # the trained adapter's base only
     assert resumed["metrics"] == whole["metrics"]  # the saved adapter evaluates as the model in memory did
     assert pipeline.is_done(late) and (late / "loss_curve.png").is_file()
 

@@ -466,8 +466,11 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     write_text(out / "config.yaml", yaml.safe_dump(recipe, sort_keys=False))
     device = pick_device()
     start = time.perf_counter() - sum(timings.values())  # resumed: the stages done before count too
+    # the full-precision model is needed for its evaluation and the teacher's targets; a resumed run that
+    # needs neither starts from the model saved in its folder
+    needs_fp = not resume or (history is None and recipe["train"]["loss"] == "distill")
     with _timed("data", timings):
-        model, tokenizer = load_base(recipe, device)
+        model, tokenizer = load_base(recipe, device) if needs_fp else saved_model(recipe, out, history, device)
         data = prepare_data(recipe, tokenizer)
     if not resume:
         with _timed("fp", timings):
@@ -475,16 +478,15 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     if history is None and recipe["train"]["loss"] == "distill":
         with _timed("teacher", timings):
             add_teacher(model, recipe, data)
-    del model
-    if history is not None:
-        model, _ = load_adapter(recipe, out / "adapter", device)
-    elif resume:
-        model, _ = load_adapter(recipe, out / ".trainer" / "start", device, trainable=True)
-    else:
-        model = initial_model(recipe, tokenizer, data, device, metrics, timings)
-        if recipe["save_init"]:
-            save_adapter(model, out / "init_adapter")
-        write_text(out / STAGES_FILE, json.dumps({"metrics": metrics, "timings": timings}))
+    if needs_fp:
+        del model  # before the next model is made: one model in memory at a time
+        if resume:
+            model, _ = saved_model(recipe, out, history, device)
+        else:
+            model = initial_model(recipe, tokenizer, data, device, metrics, timings)
+            if recipe["save_init"]:
+                save_adapter(model, out / "init_adapter")
+            write_text(out / STAGES_FILE, json.dumps({"metrics": metrics, "timings": timings}))
     if history is None:
         with _timed("train", timings):
             history = train(model, recipe, data, out / ".trainer", device, resume)
@@ -516,6 +518,14 @@ def initial_model(recipe: dict, tokenizer, data: dict, device: str, metrics: dic
     else:  # the RTN model is the initialization
         metrics["init"] = dict(metrics["rtn"])
     return model
+
+
+def saved_model(recipe: dict, out: Path, history: Optional[list[dict]], device: str):
+    """``(model, tokenizer)`` an interrupted run in ``out`` goes on with: its trained adapter once training
+    had finished (``history`` recorded), else the starting model of its checkpoints, trainable."""
+    if history is not None:
+        return load_adapter(recipe, out / "adapter", device)
+    return load_adapter(recipe, out / ".trainer" / "start", device, trainable=True)
 
 
 def resume_state(out: Path, recipe: dict) -> dict[str, Any]:
