@@ -350,6 +350,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
         pipeline.run(recipe("never_started"), resume=True)
 
     before_training = json.loads((cut / pipeline.STAGES_FILE).read_text())["timings"]
+    trained_before_cut = pipeline.checkpoint_training_seconds(cut / ".trainer")
+    assert trained_before_cut > 0  # the two steps to checkpoint-2, recorded in it
     steps_taken = []
     def count(self, *args, **kwargs):
         steps_taken.append(self.state.global_step)
@@ -362,12 +364,16 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
         return load_base(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "load_base", count_bases)
+    read_seconds = pipeline.checkpoint_training_seconds
+    monkeypatch.setattr(pipeline, "checkpoint_training_seconds", lambda work_dir: read_seconds(work_dir) + 1e4)
     resumed = pipeline.run(recipe("cut"), resume=True)
     assert steps_taken == [2, 3, 4, 5]  # from the checkpoint at step 2, not from the start
     assert len(bases_loaded) == 1  # the saved start's base only: no full-precision model without distill
     assert resumed["metrics"] == whole["metrics"]  # bit for bit: the same trajectory from the same start
     for stage in ("fp", "rtn", "calibration", "init"):  # measured before the cut, not again
         assert resumed["timings"][stage] == before_training[stage], stage
+    assert 0 < resumed["timings"]["train"] - (trained_before_cut + 1e4) < 600  # the steps before the cut count too
+    assert resumed["timings"]["total"] >= sum(t for k, t in resumed["timings"].items() if k != "total")
     assert pipeline.is_done(cut) and not (cut / pipeline.STAGES_FILE).exists() and not (cut / ".trainer").exists()
     with pytest.raises(RecipeError, match="holds a finished run"):
         pipeline.run(recipe("cut"), resume=True)

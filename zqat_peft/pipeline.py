@@ -39,6 +39,9 @@ from typing import Any, Optional, Sequence
 import torch
 import yaml
 from peft import PeftModel, get_peft_model
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import get_last_checkpoint
 
 from . import distill, finetune
 from .calibration import calibrate, calibration_batches
@@ -397,6 +400,28 @@ def evaluate(model, tokenizer, recipe: dict, data: dict) -> dict[str, float]:
     return metrics
 
 
+class TrainingClock(TrainerCallback, ExportableState):
+    """Seconds of training so far, kept in each checkpoint (the Trainer saves an ExportableState callback's
+    ``state()`` there and rebuilds the callback from it on resume), so that a resumed run's timing includes the
+    pieces before the cut."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds_before = seconds
+        self.started = time.perf_counter()
+
+    def state(self) -> dict:
+        return {"args": {"seconds": self.seconds_before + time.perf_counter() - self.started}, "attributes": {}}
+
+
+def checkpoint_training_seconds(work_dir: Path) -> float:
+    """The training seconds the last checkpoint in ``work_dir`` recorded (0 when there is none)."""
+    last = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+    if last is None:
+        return 0.0
+    state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+    return state.stateful_callbacks.get(TrainingClock.__name__, {}).get("args", {}).get("seconds", 0.0)
+
+
 def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: bool = False) -> list[dict]:
     """ZO-train the model in place with ZOTrainer; returns the trainer's log history. ``resume``: go on from
     the last checkpoint in ``work_dir`` (``model`` is then the starting model, ``work_dir/start``).
@@ -428,7 +453,8 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
         trainer_class = distill.DistillZOTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
                             eval_dataset=data.get("validation"),  # present only with eval_steps
-                            compute_loss_func=data.get("loss"))  # None: the model's own loss
+                            compute_loss_func=data.get("loss"),  # None: the model's own loss
+                            callbacks=[TrainingClock()])
     if every:
         start = work_dir / "start"
         if not resume:
@@ -488,8 +514,11 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
                 save_adapter(model, out / "init_adapter")
             write_text(out / STAGES_FILE, json.dumps({"metrics": metrics, "timings": timings}))
     if history is None:
+        trained_before_cut = checkpoint_training_seconds(out / ".trainer") if resume else 0.0
         with _timed("train", timings):
             history = train(model, recipe, data, out / ".trainer", device, resume)
+        timings["train"] += trained_before_cut  # up to the last checkpoint: the steps lost after it count once
+        start -= trained_before_cut
         # the trained model is kept before its evaluation, so an interruption there loses no training
         save_adapter(model, out / "adapter")
         write_text(out / STAGES_FILE, json.dumps({"metrics": metrics, "timings": timings, "history": history}))
