@@ -364,6 +364,12 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
         return load_base(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "load_base", count_bases)
+    clock_init, clocks_made = pipeline.TrainingClock.__init__, []
+    def record_clock(self, seconds=0.0):
+        clocks_made.append(seconds)
+        clock_init(self, seconds)
+
+    monkeypatch.setattr(pipeline.TrainingClock, "__init__", record_clock)
     read_seconds = pipeline.checkpoint_training_seconds
     monkeypatch.setattr(pipeline, "checkpoint_training_seconds", lambda work_dir: read_seconds(work_dir) + 1e4)
     resumed = pipeline.run(recipe("cut"), resume=True)
@@ -373,6 +379,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model
     for stage in ("fp", "rtn", "calibration", "init"):  # measured before the cut, not again
         assert resumed["timings"][stage] == before_training[stage], stage
     assert 0 < resumed["timings"]["train"] - (trained_before_cut + 1e4) < 600  # the steps before the cut count too
+    assert clocks_made == [0.0, trained_before_cut]  # rebuilt from the checkpoint: a second cut loses nothing
     assert resumed["timings"]["total"] >= sum(t for k, t in resumed["timings"].items() if k != "total")
     assert pipeline.is_done(cut) and not (cut / pipeline.STAGES_FILE).exists() and not (cut / ".trainer").exists()
     with pytest.raises(RecipeError, match="holds a finished run"):

@@ -443,7 +443,8 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
         learning_rate=t["lr"], lr_scheduler_type=t["scheduler"], warmup_steps=t["warmup_steps"],
         weight_decay=t["weight_decay"], zo_eps=t["eps"], zo_num_queries=t["num_queries"], zo_grad_clip=t["grad_clip"],
         logging_steps=t["logging_steps"], report_to=[], seed=recipe["seed"], bf16=t["bf16"],
-        use_cpu=device == "cpu", dataloader_num_workers=0, **keep_best,
+        use_cpu=device == "cpu", dataloader_num_workers=0, restore_callback_states_from_checkpoint=True,  # the clock
+        **keep_best,
     )
     trainer_class = ZOTrainer
     if t["loss"] == "distill":
