@@ -401,9 +401,9 @@ def evaluate(model, tokenizer, recipe: dict, data: dict) -> dict[str, float]:
 
 
 class TrainingClock(TrainerCallback, ExportableState):
-    """Seconds of training so far, kept in each checkpoint (the Trainer saves an ExportableState callback's
-    ``state()`` there and rebuilds the callback from it on resume), so that a resumed run's timing includes the
-    pieces before the cut."""
+    """Seconds of training so far, counting from ``seconds`` (what the checkpoint a resumed run goes on from
+    recorded), kept in each checkpoint (the Trainer saves an ExportableState callback's ``state()`` there), so
+    that a resumed run's timing includes every piece before its cuts."""
 
     def __init__(self, seconds: float = 0.0):
         self.seconds_before = seconds
@@ -443,8 +443,7 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
         learning_rate=t["lr"], lr_scheduler_type=t["scheduler"], warmup_steps=t["warmup_steps"],
         weight_decay=t["weight_decay"], zo_eps=t["eps"], zo_num_queries=t["num_queries"], zo_grad_clip=t["grad_clip"],
         logging_steps=t["logging_steps"], report_to=[], seed=recipe["seed"], bf16=t["bf16"],
-        use_cpu=device == "cpu", dataloader_num_workers=0, restore_callback_states_from_checkpoint=True,  # the clock
-        **keep_best,
+        use_cpu=device == "cpu", dataloader_num_workers=0, **keep_best,
     )
     trainer_class = ZOTrainer
     if t["loss"] == "distill":
@@ -455,7 +454,7 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
     trainer = trainer_class(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
                             eval_dataset=data.get("validation"),  # present only with eval_steps
                             compute_loss_func=data.get("loss"),  # None: the model's own loss
-                            callbacks=[TrainingClock()])
+                            callbacks=[TrainingClock(checkpoint_training_seconds(work_dir) if resume else 0.0)])
     if every:
         start = work_dir / "start"
         if not resume:
