@@ -230,13 +230,15 @@ def tiny_local_model(tmp_path_factory) -> Path:
 
 
 @needs_model_and_wiki
-def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, capsys):
+@pytest.mark.parametrize("trainable", ["full", "scales"])
+def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, capsys, trainable):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
     recipe = load_recipe(None, [
         f"model={tiny_local_model}", f"output_dir={out}", "save_init=true",
-        "quant={w_bits: 3, a_bits: 8, group_size: 64, trainable: full, init: calibrate, calib_epochs: 1, smooth: false}",
+        f"quant={{w_bits: 3, a_bits: 8, group_size: 64, trainable: {trainable}, init: calibrate, calib_epochs: 1, "
+        "smooth: false}",
         "calibration={n_samples: 4, seq_len: 64, batch_size: 2}",
         "train={steps: 2, batch_size: 2, seq_len: 32, logging_steps: 1}",
         "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
