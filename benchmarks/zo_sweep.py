@@ -5,7 +5,9 @@ Settings are lists of recipe overrides; each ``--set`` is one setting, e.g.
 ``--set train.lr=1e-5 train.steps=100 --set train.lr=3e-6 train.steps=300``. The quant and calibration
 sections must not change between settings (the init is shared), nor the training windows (train.loss,
 max_windows, data, seq_len; with ``train.loss=distill`` the full-precision targets are computed once).
-Prints a table and writes JSON.
+Prints a table and writes JSON. With ``--save-adapters DIR`` the initialized model is saved to DIR/init and
+each trained one to DIR/1, DIR/2, ... with the setting's recipe (``config.yaml``), for ``zqat eval --adapter
+DIR/1/adapter --recipe DIR/1/config.yaml`` later.
 
     python benchmarks/zo_sweep.py --recipe recipes/demo.yaml --set train.lr=1e-5 --set train.lr=3e-6
 """
@@ -20,10 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from zqat_peft import calibrate
 from zqat_peft.pipeline import (add_teacher, evaluate, load_base, load_recipe, pick_device, prepare_data,
-                               quantized_model, train)
+                               quantized_model, save_adapter, train, write_text)
 
 
 def main() -> None:
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--base", nargs="*", default=[], help="overrides applied to every setting")
     parser.add_argument("--set", nargs="+", action="append", required=True, metavar="KEY=VALUE")
     parser.add_argument("--out", default="benchmarks/results/zo_sweep.json")
+    parser.add_argument("--save-adapters", metavar="DIR", help="save the init and every trained adapter here")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.base)
     settings = [load_recipe(args.recipe, [*args.base, *s]) for s in args.set]
@@ -58,13 +62,18 @@ def main() -> None:
     results = {"meta": {"recipe": args.recipe, "base": args.base, "device": device,
                         "calibration_seconds": time.perf_counter() - start},
                "init": evaluate(init_model, tokenizer, recipe, data), "runs": []}
-    for overrides, s in zip(args.set, settings):
+    saved = Path(args.save_adapters) if args.save_adapters else None
+    if saved:
+        save_run(init_model, recipe, saved / "init")
+    for i, (overrides, s) in enumerate(zip(args.set, settings), start=1):
         model = copy.deepcopy(init_model)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
             history = train(model, s, data, Path(work), device)
         seconds = time.perf_counter() - start
         metrics = evaluate(model, tokenizer, s, data)
+        if saved:
+            save_run(model, s, saved / str(i))
         losses = [h["loss"] for h in history if "loss" in h]
         results["runs"].append({"overrides": overrides, "train_seconds": seconds, "metrics": metrics,
                                 "first_loss": losses[0] if losses else None,
@@ -80,6 +89,12 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+
+
+def save_run(model, recipe: dict, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, path / "adapter")
+    write_text(path / "config.yaml", yaml.safe_dump(recipe, sort_keys=False))
 
 
 if __name__ == "__main__":
