@@ -12,7 +12,8 @@ import torch
 import transformers
 
 from zqat_peft.data import asset_path, is_complete, task_data_dir
-from zqat_peft.evaluation import HEADLINE_METRIC, ZERO_SHOT_TASKS, available_tasks, headline, zero_shot
+from zqat_peft.evaluation import (HEADLINE_METRIC, ZERO_SHOT_TASKS, available_tasks, headline, paired_difference,
+                                  zero_shot, zero_shot_documents)
 from zqat_peft.evaluation.zeroshot import TASKS_DIR, task_manager
 
 needs_tasks = pytest.mark.skipif(
@@ -162,3 +163,32 @@ def test_zero_shot_end_to_end_on_a_tiny_model_and_a_peft_model():
     wrapped.train()
     assert zero_shot(wrapped, tokenizer, tasks=("piqa", "winogrande"), limit=4, batch_size=4) == results
     assert wrapped.training
+
+
+@needs_tasks
+@needs_tokenizer
+def test_per_document_scores_average_to_the_headline_accuracy():
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(asset_path("model")))
+    model = _tiny_llama(len(tokenizer))
+    documents = zero_shot_documents(model, tokenizer, tasks=("arc_easy", "boolq"), limit=6, batch_size=4)
+    accuracy = headline(zero_shot(model, tokenizer, tasks=("arc_easy", "boolq"), limit=6, batch_size=4))
+    assert list(documents) == ["arc_easy", "boolq"]
+    for task, scores in documents.items():
+        assert len(scores) == 6 and set(scores) <= {0.0, 1.0}
+        assert sum(scores) / len(scores) == pytest.approx(accuracy[task])
+    # another model on the same documents: the paired difference is the difference of the accuracies
+    other = zero_shot_documents(_tiny_llama(len(tokenizer), seed=1), tokenizer, tasks="arc_easy", limit=6,
+                                batch_size=4)["arc_easy"]
+    mean, _ = paired_difference(documents["arc_easy"], other)
+    assert mean == pytest.approx(sum(other) / 6 - accuracy["arc_easy"])
+
+
+def test_paired_difference():
+    mean, stderr = paired_difference([1, 0, 1, 0], [1, 1, 1, 0])
+    assert mean == pytest.approx(0.25)
+    assert stderr == pytest.approx(math.sqrt((3 * 0.25**2 + 0.75**2) / 3 / 4))
+    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)  # the same answers: known exactly
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_difference([1], [0])
+    with pytest.raises(ValueError):  # not paired
+        paired_difference([1, 0], [1, 0, 1])

@@ -31,8 +31,10 @@ __all__ = [
     "ZERO_SHOT_TASKS",
     "available_tasks",
     "headline",
+    "paired_difference",
     "task_manager",
     "zero_shot",
+    "zero_shot_documents",
 ]
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -196,6 +198,52 @@ def zero_shot(
     standard errors), keyed by the standard task names, in the order asked.
     """
     names = _check_tasks(tasks)
+    out = _simple_evaluate(model, tokenizer, names, limit, batch_size, num_fewshot, cache, verbose, False)
+    if out is None:  # simple_evaluate returns None on non-zero ranks of a distributed run
+        return {}
+    return {name: _metrics(out["results"][name]) for name in names}
+
+
+def zero_shot_documents(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: str | Iterable[str] = ZERO_SHOT_TASKS,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int = 0,
+    *,
+    cache: str | os.PathLike | None = None,
+    verbose: bool = False,
+) -> dict[str, list[float]]:
+    """Like :func:`zero_shot`, one score per document instead of the average: ``{task: [1.0 or 0.0, ...]}``
+    in document order, on each task's :data:`HEADLINE_METRIC`; the mean of a list is :func:`headline`'s
+    number. For comparing two models on the same documents (:func:`paired_difference`)."""
+    names = _check_tasks(tasks)
+    out = _simple_evaluate(model, tokenizer, names, limit, batch_size, num_fewshot, cache, verbose, True)
+    if out is None:
+        return {}
+    scores = {}
+    for name in names:
+        metric = HEADLINE_METRIC.get(name, "acc_norm")
+        samples = sorted(out["samples"][name], key=lambda sample: sample["doc_id"])
+        scores[name] = [float(sample.get(metric, sample["acc"])) for sample in samples]
+    return scores
+
+
+def paired_difference(a: Iterable[float], b: Iterable[float]) -> tuple[float, float]:
+    """Mean of ``b - a`` over paired documents and its standard error: two models scored on the same
+    documents differ on few of them, so the difference is known far better than either accuracy."""
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    if n < 2:
+        raise ValueError(f"a paired difference needs at least 2 documents, got {n}")
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def _simple_evaluate(model, tokenizer, names: list[str], limit, batch_size, num_fewshot, cache, verbose,
+                     log_samples: bool) -> dict | None:
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise ValueError(f"limit must be a positive number or None, got {limit!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -208,20 +256,17 @@ def zero_shot(
     try:
         with _offline(), _quiet(verbose):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            out = simple_evaluate(
+            return simple_evaluate(
                 model=lm,
                 tasks=names,
                 num_fewshot=num_fewshot,
                 limit=limit,
                 task_manager=task_manager(cache),
-                log_samples=False,
+                log_samples=log_samples,
                 bootstrap_iters=0,
             )
     finally:
         model.train(was_training)
-    if out is None:  # simple_evaluate returns None on non-zero ranks of a distributed run
-        return {}
-    return {name: _metrics(out["results"][name]) for name in names}
 
 
 def headline(results: dict[str, dict[str, float]]) -> dict[str, float]:
