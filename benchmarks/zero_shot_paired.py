@@ -1,9 +1,9 @@
 """Zero-shot accuracy of saved adapters on the same documents, each against the first, with the standard
 error of the paired difference.
 
-Two models scored on the same documents disagree on few of them, so their difference is known far better
-than the ~0.02-0.03 standard error of either accuracy on a few hundred documents: this is the check that a
-trained model's zero-shot accuracy did not fall below its initialization. Prints a table and writes JSON
+Two models scored on the same documents are compared only where they disagree, so their difference is known
+better than from the ~0.02-0.03 standard error of each accuracy on a few hundred documents: this is the
+check that a trained model's zero-shot accuracy did not fall below its initialization. Prints a table and writes JSON
 (with every per-document score, 1 or 0 on each task's headline metric).
 
     python benchmarks/zero_shot_paired.py --recipe runs/NAME/config.yaml --adapter init=runs/NAME/init_adapter

@@ -231,8 +231,9 @@ def zero_shot_documents(
 
 
 def paired_difference(a: Iterable[float], b: Iterable[float]) -> tuple[float, float]:
-    """Mean of ``b - a`` over paired documents and its standard error: two models scored on the same
-    documents differ on few of them, so the difference is known far better than either accuracy."""
+    """Mean of ``b - a`` over paired documents and its standard error: what two models both get right or
+    both get wrong does not count, so the difference is known better than from two independent accuracies
+    (much better when the models disagree on few documents)."""
     diffs = [y - x for x, y in zip(a, b, strict=True)]
     n = len(diffs)
     if n < 2:
