@@ -224,9 +224,8 @@ def zero_shot_documents(
         return {}
     scores = {}
     for name in names:
-        metric = HEADLINE_METRIC.get(name, "acc_norm")
         samples = sorted(out["samples"][name], key=lambda sample: sample["doc_id"])
-        scores[name] = [float(sample.get(metric, sample["acc"])) for sample in samples]
+        scores[name] = [_headline_value(name, sample) for sample in samples]
     return scores
 
 
@@ -273,9 +272,9 @@ def _simple_evaluate(model, tokenizer, names: list[str], limit, batch_size, num_
 def headline(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """One number per task: the metric of :data:`HEADLINE_METRIC` (``acc_norm`` for PIQA, ARC, HellaSwag;
     ``acc`` for WinoGrande, BoolQ), falling back to ``acc`` when a task has no such metric."""
-    out = {}
-    for task, metrics in results.items():
-        metric = HEADLINE_METRIC.get(task, "acc_norm")
-        value = metrics.get(metric, metrics.get("acc", math.nan))
-        out[task] = float(value)
-    return out
+    return {task: _headline_value(task, metrics) for task, metrics in results.items()}
+
+
+def _headline_value(task: str, metrics: dict) -> float:
+    """``metrics``: a task's averages, or one document's scores (lm-eval names both the same way)."""
+    return float(metrics.get(HEADLINE_METRIC.get(task, "acc_norm"), metrics.get("acc", math.nan)))
