@@ -5,9 +5,10 @@ Settings are lists of recipe overrides; each ``--set`` is one setting, e.g.
 ``--set train.lr=1e-5 train.steps=100 --set train.lr=3e-6 train.steps=300``. The quant and calibration
 sections must not change between settings (the init is shared), nor the training windows (train.loss,
 max_windows, data, seq_len; with ``train.loss=distill`` the full-precision targets are computed once).
-Prints a table and writes JSON. With ``--save-adapters DIR`` the initialized model is saved to DIR/init and
-each trained one to DIR/1, DIR/2, ... with the setting's recipe (``config.yaml``), for ``zqat eval --adapter
-DIR/1/adapter --recipe DIR/1/config.yaml`` later.
+Prints a table and writes JSON after each setting, so a sweep cut short keeps the settings it finished.
+With ``--save-adapters DIR`` the initialized model is saved to DIR/init and each trained one to DIR/1,
+DIR/2, ... with the setting's recipe (``config.yaml``), for ``zqat eval --adapter DIR/1/adapter --recipe
+DIR/1/config.yaml`` later.
 
     python benchmarks/zo_sweep.py --recipe recipes/demo.yaml --set train.lr=1e-5 --set train.lr=3e-6
 """
@@ -86,7 +87,11 @@ def main() -> None:
         print(f"{' '.join(overrides):50s} wiki_ppl {metrics['wiki_ppl']:.3f} "
               f"(init {results['init']['wiki_ppl']:.3f}, x{metrics['wiki_ppl'] / results['init']['wiki_ppl']:.3f})"
               f"  {seconds:.0f} s", flush=True)
-    out = Path(args.out)
+        # after every setting, so that a sweep cut short keeps what it finished
+        write_results(results, Path(args.out))
+
+
+def write_results(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 
