@@ -8,7 +8,9 @@ max_windows, data, seq_len; with ``train.loss=distill`` the full-precision targe
 Prints a table and writes JSON after each setting, so a sweep cut short keeps the settings it finished.
 With ``--save-adapters DIR`` the initialized model is saved to DIR/init and each trained one to DIR/1,
 DIR/2, ... with the setting's recipe (``config.yaml``), for ``zqat eval --adapter DIR/1/adapter --recipe
-DIR/1/config.yaml`` later.
+DIR/1/config.yaml`` later. While a setting trains, its Trainer checkpoints are kept in DIR/1/checkpoints
+(each a loadable adapter, so a sweep cut short mid-setting still has its best checkpoint); they are removed
+once the setting's adapter is saved.
 
     python benchmarks/zo_sweep.py --recipe recipes/demo.yaml --set train.lr=1e-5 --set train.lr=3e-6
 """
@@ -16,11 +18,14 @@ DIR/1/config.yaml`` later.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 import yaml
@@ -69,12 +74,12 @@ def main() -> None:
     for i, (overrides, s) in enumerate(zip(args.set, settings), start=1):
         model = copy.deepcopy(init_model)
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as work:
-            history = train(model, s, data, Path(work), device)
-        seconds = time.perf_counter() - start
-        metrics = evaluate(model, tokenizer, s, data)
-        if saved:
-            save_run(model, s, saved / str(i))
+        with checkpoint_dir(saved / str(i) / "checkpoints" if saved else None) as work:
+            history = train(model, s, data, work, device)
+            seconds = time.perf_counter() - start
+            metrics = evaluate(model, tokenizer, s, data)
+            if saved:
+                save_run(model, s, saved / str(i))
         losses = [h["loss"] for h in history if "loss" in h]
         results["runs"].append({"overrides": overrides, "train_seconds": seconds, "metrics": metrics,
                                 "first_loss": losses[0] if losses else None,
@@ -89,6 +94,20 @@ def main() -> None:
               f"  {seconds:.0f} s", flush=True)
         # after every setting, so that a sweep cut short keeps what it finished
         write_results(results, Path(args.out))
+
+
+@contextlib.contextmanager
+def checkpoint_dir(keep: Optional[Path]) -> Iterator[Path]:
+    """Where a setting's Trainer checkpoints go: ``keep`` until the setting is done (a temporary folder is
+    gone once a stopped sweep exits), else a temporary folder."""
+    if keep is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+        return
+    shutil.rmtree(keep, ignore_errors=True)  # an earlier, cut-short sweep's: the Trainer would rotate them
+    keep.mkdir(parents=True)
+    yield keep
+    shutil.rmtree(keep)
 
 
 def write_results(results: dict, out: Path) -> None:
