@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from zqat_peft.evaluation import paired_difference, zero_shot_documents
-from zqat_peft.pipeline import load_adapter, load_recipe, pick_device
+from zqat_peft.pipeline import load_adapter, pick_device
+from zqat_peft.recipe import load_recipe
 
 
 def main() -> None:

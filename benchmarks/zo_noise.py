@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from zqat_peft.evaluation import token_windows
-from zqat_peft.pipeline import corpus_tokens, load_adapter, load_recipe, pick_device
+from zqat_peft.pipeline import corpus_tokens, load_adapter, pick_device
+from zqat_peft.recipe import load_recipe
 from zqat_peft.zo.estimator import projected_gradient, spsa_losses, step_seeds
 from zqat_peft.zo.perturbation import zo_parameters
 

@@ -31,8 +31,9 @@ import torch
 import yaml
 
 from zqat_peft import calibrate
-from zqat_peft.pipeline import (add_teacher, evaluate, load_base, load_recipe, pick_device, prepare_data,
-                               quantized_model, save_adapter, train, write_text)
+from zqat_peft.pipeline import (add_teacher, evaluate, load_base, pick_device, prepare_data, quantized_model,
+                               save_adapter, train, write_text)
+from zqat_peft.recipe import load_recipe
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The main job (zqat_peft.pipeline) and the zqat command line."""
+"""The main job (zqat_peft.pipeline), its recipes and report, and the zqat command line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from zqat_peft import ZOTrainer, ZOTrainingArguments, cli, finetune, pipeline
-from zqat_peft.pipeline import RecipeError, load_recipe
+from zqat_peft.recipe import RecipeError, default_recipe, load_recipe, output_dir, quant_config, required_assets
+from zqat_peft.report import STAGES, metrics_table, report
 
 from .conftest import tiny_model
 
@@ -37,8 +38,8 @@ def test_recipe_file_and_overrides_update_the_defaults(tmp_path):
     assert recipe["train"]["steps"] == 7
     assert recipe["train"]["lr"] == 2e-5 and isinstance(recipe["train"]["lr"], float)  # not YAML 1.1's string
     assert recipe["eval"]["tasks"] == ["piqa", "boolq"] and recipe["seed"] == 3
-    assert recipe["train"]["eps"] == pipeline.default_recipe()["train"]["eps"]  # untouched keys keep defaults
-    assert pipeline.output_dir(recipe) == Path("runs") / "mine"
+    assert recipe["train"]["eps"] == default_recipe()["train"]["eps"]  # untouched keys keep defaults
+    assert output_dir(recipe) == Path("runs") / "mine"
 
 
 @pytest.mark.parametrize("where", ["file", "override"])
@@ -70,7 +71,7 @@ def test_bad_overrides_and_values_are_refused(tmp_path):
 def test_shipped_recipes_load(path):
     recipe = load_recipe(path)
     assert recipe["name"] == path.stem
-    pipeline.quant_config(recipe)
+    quant_config(recipe)
 
 
 def test_demo_recipe_is_the_w3a16g64_calibrated_job():
@@ -78,7 +79,7 @@ def test_demo_recipe_is_the_w3a16g64_calibrated_job():
     q = recipe["quant"]
     assert (q["w_bits"], q["a_bits"], q["group_size"], q["trainable"], q["init"]) == (3, 16, 64, "full", "calibrate")
     assert recipe["model"] == "smollm2-135m" and not recipe["eval"]["tasks"]
-    assert pipeline.required_assets(recipe) == ["model", "wiki"]
+    assert required_assets(recipe) == ["model", "wiki"]
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -117,7 +118,7 @@ def test_a_failed_run_is_never_marked_done(tmp_path, monkeypatch):
 
 
 def test_metrics_table_has_a_row_per_metric_and_a_column_per_stage():
-    table = pipeline.metrics_table({"fp": {"wiki_ppl": 20.8, "piqa": 0.61}, "rtn": {"wiki_ppl": 68.5, "piqa": 0.55},
+    table = metrics_table({"fp": {"wiki_ppl": 20.8, "piqa": 0.61}, "rtn": {"wiki_ppl": 68.5, "piqa": 0.55},
                                     "init": {"wiki_ppl": 58.7}, "zeroqat": {"wiki_ppl": 55.2}})
     lines = table.splitlines()
     assert lines[0] == "| metric | fp | rtn | init | zeroqat |"
@@ -128,11 +129,11 @@ def test_metrics_table_has_a_row_per_metric_and_a_column_per_stage():
 def test_report_states_the_zero_shot_sampling_error():
     metrics = {"fp": {"wiki_ppl": 20.8, "piqa": 0.61}}
     limited = load_recipe(None, ["name=r", "eval.tasks=[piqa]", "eval.limit=100"])
-    assert "first 100 documents" in (text := pipeline.report(limited, metrics, {}, "cpu"))
+    assert "first 100 documents" in (text := report(limited, metrics, {}, "cpu"))
     assert "standard error of up to 0.050" in text
     whole = load_recipe(None, ["name=r", "eval.tasks=[piqa]"])
-    assert "every document" in pipeline.report(whole, metrics, {}, "cpu")
-    assert "Zero-shot" not in pipeline.report(load_recipe(None, ["name=r"]), metrics, {}, "cpu")
+    assert "every document" in report(whole, metrics, {}, "cpu")
+    assert "Zero-shot" not in report(load_recipe(None, ["name=r"]), metrics, {}, "cpu")
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -476,7 +477,7 @@ def test_boolq_fine_tuning_path(tiny_local_model, tmp_path):
     assert [len(e["input_ids"]) for e in held_out] == sorted(in_split_order) != in_split_order
 
     metrics = pipeline.run(recipe)["metrics"]
-    for stage in pipeline.STAGES:
+    for stage in STAGES:
         assert list(metrics[stage]) == ["boolq_acc"] and 0.0 <= metrics[stage]["boolq_acc"] <= 1.0
 
 

@@ -1,6 +1,7 @@
 """The main job: evaluate a model in full precision, RTN-quantized, initialized (calibrated) and ZeroQAT-trained.
 
-A *recipe* (YAML, see ``recipes/``) says which model, how to quantize, calibrate, train and evaluate.
+A *recipe* (YAML, see ``recipes/``; its keys in ``zqat_peft.recipe``) says which model, how to quantize,
+calibrate, train and evaluate.
 ``run(recipe)`` writes everything into ``runs/NAME/`` (or the recipe's ``output_dir``)::
 
     config.yaml      the resolved recipe
@@ -24,17 +25,14 @@ loss on the answer token only, accuracy = " yes" vs " no" by log-likelihood on t
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -45,194 +43,18 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import distill, finetune
 from .calibration import calibrate, calibration_batches
-from .data import ASSETS, MODELS, TEXT_CORPORA, load_model_and_tokenizer, load_text
+from .data import load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
-from .evaluation.zeroshot import available_tasks
-from .tuner import ZeroQATConfig, ZQATLinear
+from .recipe import DTYPES, RecipeError, changed_keys, output_dir, quant_config
+from .report import format_value, loss_figure, report
+from .tuner import ZQATLinear
 from .zo import ZOTrainer, ZOTrainingArguments
 
-STAGES = ("fp", "rtn", "init", "zeroqat")
 STAGES_FILE = ".stages.json"  # the stages an unfinished run has done (metrics, timings, training log), for resume
-SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
-TASKS = ("boolq",)
-FINETUNE_LOSSES = ("lm", "choices")
-TRAIN_LOSSES = ("ce", "distill")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANT_KEYS = (
-    "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
-    "trainable_modules", "init", "smooth", "calib_epochs", "calib_lr", "calib_smooth_lr", "calib_alpha",
-)
-
-
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used as written (unknown key, bad value)."""
 
 
 class AssetError(RuntimeError):
     """A model or a corpus that cannot be had here (no network, failed fetch)."""
-
-
-# ------------------------------------------------------------------------------------------ recipes
-
-
-def default_recipe() -> dict:
-    """Every recipe key with its default value; a recipe file or an override changes some of them."""
-    quant = ZeroQATConfig()
-    return {
-        "name": None,  # default: the recipe file's name
-        "output_dir": None,  # default: runs/NAME
-        "model": "smollm2-135m",  # a zqat_peft.data model name, a local folder or a Hub id
-        "dtype": "float32",
-        "seed": 0,
-        # also write runs/NAME/init_adapter, the model ZO training starts from, so it can be evaluated later
-        # on more data (zqat eval --adapter runs/NAME/init_adapter) against runs/NAME/adapter
-        "save_init": False,
-        "task": None,  # None: language modelling; "boolq": fine-tuning
-        "quant": {k: copy.deepcopy(getattr(quant, k)) for k in QUANT_KEYS},  # ZeroQATConfig fields
-        "calibration": {"data": "wiki", "n_samples": 32, "seq_len": 256, "batch_size": 4},
-        "train": {
-            "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
-            "grad_clip": None, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "logging_steps": 10,
-            "bf16": False,
-            # "ce": next-token cross-entropy on train.data; "distill": KL to the full-precision model's top-k
-            # next-token distribution on the same windows (zqat_peft.distill), which keeps the model close to
-            # what it was rather than fitting train.data
-            "loss": "ce",
-            # the first max_windows windows of train.data's train split; null: all of them ("distill": the
-            # steps * batch_size windows one pass visits, since each needs a full-precision forward first)
-            "max_windows": None,
-            # Every eval_steps steps, the loss on held-out data (the first eval_windows windows of train.data's
-            # validation split; BoolQ: the validation questions); the best checkpoint is the result. null: off.
-            "eval_steps": None, "eval_windows": 32,
-        },
-        "eval": {
-            "corpora": {"wiki": "wiki", "lee": "lee", "austen": "austen"},  # metric prefix -> corpus
-            "split": "test", "seq_len": 512, "max_windows": None, "batch_size": 4,
-            "tasks": [], "limit": None, "zero_shot_batch_size": 8,
-        },
-        "finetune": {
-            "n_train": 1000, "n_val": 500, "n_test": 1000, "max_length": 512, "eval_batch_size": 8,
-            # "choices": cross-entropy over the answers' logits only (MeZO's classification loss: the loss is
-            # about the decision, nothing else); "lm": the answer token's cross-entropy over the whole vocabulary,
-            # which ZO lowers mostly by moving mass onto the answer tokens, not by choosing (benchmarks/RESULTS.md)
-            "loss": "choices",
-        },
-    }
-
-
-def valid_keys() -> list[str]:
-    """The dotted recipe keys, e.g. ``train.lr``."""
-    keys = []
-    for key, value in default_recipe().items():
-        keys += [f"{key}.{sub}" for sub in value] if key in SECTIONS else [key]
-    return keys
-
-
-def load_recipe(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> dict:
-    """The defaults, updated by the YAML file at ``path`` and then by ``key=value`` overrides
-    (dotted keys, YAML-typed values: ``train.lr=2e-5``, ``eval.tasks=[piqa]``)."""
-    recipe = default_recipe()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe file not found: {path}")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise RecipeError(f"{path}: a recipe is a YAML mapping of keys to values")
-        for key, value in loaded.items():
-            _apply(recipe, str(key), value)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise RecipeError(f"override {item!r} is not of the form key=value")
-        _apply(recipe, key.strip(), yaml.safe_load(raw))
-    if recipe["name"] is None:
-        recipe["name"] = Path(path).stem if path is not None else "run"
-    check_recipe(recipe)
-    return recipe
-
-
-def _apply(recipe: dict, key: str, value: Any) -> None:
-    """Set one key; a mapping given to a section (``quant: {w_bits: 3}``) sets each of its keys."""
-    if key in SECTIONS and isinstance(value, dict):
-        for sub, v in value.items():
-            _set(recipe, f"{key}.{sub}", v)
-    else:
-        _set(recipe, key, value)
-
-
-def _set(recipe: dict, key: str, value: Any) -> None:
-    keys = valid_keys()
-    if key not in keys:
-        hint = f" ({key} is a section: set its keys, e.g. {key}.{next(iter(recipe[key]))})" if key in SECTIONS else ""
-        raise RecipeError(f"unknown recipe key {key!r}{hint}; valid keys: {', '.join(keys)}")
-    if isinstance(value, str) and _SCIENTIFIC.match(value):
-        value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
-    section, _, sub = key.partition(".")
-    if sub:
-        recipe[section][sub] = value
-    else:
-        recipe[section] = value
-
-
-def check_recipe(recipe: dict) -> None:
-    """Refuse values the job cannot use, before any model is loaded."""
-    if recipe["task"] not in (None, *TASKS):
-        raise RecipeError(f"task must be null (language modelling) or one of {TASKS}, got {recipe['task']!r}")
-    if recipe["dtype"] not in DTYPES:
-        raise RecipeError(f"dtype must be one of {tuple(DTYPES)}, got {recipe['dtype']!r}")
-    if not isinstance(recipe["eval"]["corpora"], dict):
-        raise RecipeError("eval.corpora must be a mapping of metric prefix to corpus, e.g. {wiki: wiki}")
-    known = available_tasks()
-    tasks = recipe["eval"]["tasks"]
-    if not isinstance(tasks, list) or any(t not in known for t in tasks):
-        raise RecipeError(f"eval.tasks must be a list of zero-shot tasks among {', '.join(known)}; got {tasks!r}")
-    if recipe["finetune"]["loss"] not in FINETUNE_LOSSES:
-        raise RecipeError(f"finetune.loss must be one of {FINETUNE_LOSSES}, got {recipe['finetune']['loss']!r}")
-    t = recipe["train"]
-    for key in ("steps", "eval_steps", "eval_windows", "max_windows"):
-        nullable = key in ("eval_steps", "max_windows")
-        if t[key] is None and nullable:
-            continue
-        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
-            raise RecipeError(f"train.{key} must be a positive integer{' or null' if nullable else ''}, got {t[key]!r}")
-    if t["loss"] not in TRAIN_LOSSES:
-        raise RecipeError(f"train.loss must be one of {TRAIN_LOSSES}, got {t['loss']!r}")
-    if t["loss"] == "distill" and recipe["task"] is not None:
-        raise RecipeError("train.loss=distill is for language modelling (task: null); a fine-tuning task "
-                          "trains on its answers (finetune.loss)")
-    if t["eval_steps"] is not None and t["eval_steps"] > t["steps"]:
-        # no check would run during training, and the run would give back the start, untrained
-        raise RecipeError(f"train.eval_steps ({t['eval_steps']}) is larger than train.steps ({t['steps']}): "
-                          "lower it or set it to null")
-    if not isinstance(recipe["save_init"], bool):
-        raise RecipeError(f"save_init must be true or false, got {recipe['save_init']!r}")
-    quant_config(recipe)  # ZeroQATConfig checks the quantization settings
-
-
-def quant_config(recipe: dict, **changes: Any) -> ZeroQATConfig:
-    return ZeroQATConfig(**{**recipe["quant"], **changes})
-
-
-def output_dir(recipe: dict) -> Path:
-    return Path(recipe["output_dir"] or Path("runs") / recipe["name"])
-
-
-def required_assets(recipe: dict) -> list[str]:
-    """The zqat_peft.data assets the recipe reads (fetched before the job starts)."""
-    names = {"model"} if str(recipe["model"]).lower() in MODELS else set()
-    sources = list(recipe["eval"]["corpora"].values())
-    if recipe["task"] is None:
-        sources.append(recipe["train"]["data"])
-    if recipe["quant"]["init"] == "calibrate":
-        sources.append(recipe["calibration"]["data"])
-    names |= {s for s in sources if s in TEXT_CORPORA}
-    if recipe["eval"]["tasks"] or recipe["task"]:
-        names.add("tasks")
-    return [a for a in ASSETS if a in names]
 
 
 # --------------------------------------------------------------------------------------- models, data
@@ -396,7 +218,7 @@ def evaluate(model, tokenizer, recipe: dict, data: dict) -> dict[str, float]:
         accuracy = finetune.choice_accuracy(model, data["test"], recipe["finetune"]["eval_batch_size"],
                                             tokenizer.pad_token_id)
         metrics[f"{recipe['task']}_acc"] = accuracy
-    _log("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+    _log("  " + ", ".join(f"{k} {format_value(v)}" for k, v in metrics.items()))
     return metrics
 
 
@@ -467,7 +289,8 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
         if best is None or start_loss <= best_loss:
             model.load_adapter(str(start), model.active_adapter)
             best, best_loss = start, start_loss
-        _log(f"  kept {Path(best).name} (held-out loss {_fmt(best_loss)}; at the start {_fmt(start_loss)})")
+        _log(f"  kept {Path(best).name} (held-out loss {format_value(best_loss)}; "
+             f"at the start {format_value(start_loss)})")
         return [at_start, *trainer.state.log_history]
     return trainer.state.log_history
 
@@ -573,16 +396,11 @@ def resume_state(out: Path, recipe: dict) -> dict[str, Any]:
         raise RecipeError(f"{out} has no checkpoint to resume from (runs checkpoint only with train.eval_steps, "
                           "at the first check); run without --resume to start over")
     before = yaml.safe_load(config.read_text(encoding="utf-8"))
-    changed = sorted(k for k in valid_keys() if _get(before, k) != _get(recipe, k))
+    changed = changed_keys(before, recipe)
     if changed:
         raise RecipeError(f"the recipe differs from the interrupted run's ({config}) in {', '.join(changed)}; "
                           "resume with the same recipe and overrides")
     return saved
-
-
-def _get(recipe: dict, key: str) -> Any:
-    section, _, sub = key.partition(".")
-    return recipe.get(section, {}).get(sub) if sub else recipe.get(section)
 
 
 @contextmanager
@@ -624,88 +442,10 @@ def save_adapter(model, path: Path) -> None:
     _atomic(path, write)
 
 
-def plot_loss(history: list[dict], path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, Agg renders the PNG
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    for key, label in (("loss", "training (mean of the two SPSA passes)"), ("eval_loss", "held-out")):
-        points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
-        if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-    if len(ax.lines) > 1:
-        ax.legend()
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("ZeroQAT training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
-def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A Markdown table: one row per metric, one column per stage."""
-    stages = [s for s in STAGES if s in metrics] or list(metrics)
-    names = list(dict.fromkeys(k for s in stages for k in metrics[s]))
-    lines = ["| metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
-    for name in names:
-        cells = [_fmt(metrics[s].get(name)) for s in stages]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(value: Optional[float]) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.2f}" if abs(value) >= 1.5 else f"{value:.4f}"
-
-
-def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
-    q, t = recipe["quant"], recipe["train"]
-    bits = f"W{q['w_bits']}A{q['a_bits']}" + (f"KV{q['kv_bits']}" if q["kv_bits"] < 16 else "")
-    steps = f"{t['steps']} ZO steps at batch {t['batch_size']}"
-    if recipe["task"] is None:
-        steps += f" x {t['seq_len']} tokens of {t['data']}"
-        if t["loss"] == "distill":
-            steps += f" (loss: KL to the full-precision model's top-{distill.TOP_K} next tokens)"
-    ev = recipe["eval"]
-    tasks = ""
-    if ev["tasks"]:
-        docs = f"the first {ev['limit']} documents" if ev["limit"] else "every document"
-        tasks = f"\nZero-shot: {docs} of each task's evaluation split"
-        if isinstance(ev["limit"], int):  # a binomial standard error is at most 0.5 / sqrt(n)
-            tasks += f"; each accuracy carries a standard error of up to {0.5 / math.sqrt(ev['limit']):.3f}"
-        tasks += "."
-    time_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in timings.items())
-    return f"""# ZeroQAT run `{recipe['name']}`
-
-{recipe['model']}, {bits} group size {q['group_size']}, trainable {q['trainable']}, init {q['init']};
-{steps}, lr {t['lr']}, eps {t['eps']}; device {device}.
-Perplexity: {ev['split']} split, windows of {ev['seq_len']} tokens (at most {ev['max_windows'] or 'all'} per corpus).{tasks}
-`init` is the model ZO training starts from (the RTN model when init is rtn).
-
-{metrics_table(metrics)}
-
-![training loss](loss_curve.png)
-
-## Timings (seconds)
-
-| stage | seconds |
-|---|---|
-{time_rows}
-
-## Settings
-
-```yaml
-{yaml.safe_dump(recipe, sort_keys=False).rstrip()}
-```
-"""
-
-
 def write_outputs(out: Path, recipe: dict, metrics: dict, timings: dict, history: list[dict], device: str) -> None:
     write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text(out / "timings.json", json.dumps(timings, indent=2) + "\n")
-    plot_loss(history, out / "loss_curve.png")
+    _atomic(out / "loss_curve.png", lambda tmp: loss_figure(history).savefig(tmp, format="png", dpi=110))
     write_text(out / "report.md", report(recipe, metrics, timings, device))
     write_text(out / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
 

@@ -1,0 +1,91 @@
+"""What a run reports: the metrics table (one column per stage), the Markdown report, the loss curve."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import yaml
+
+from .distill import TOP_K
+
+STAGES = ("fp", "rtn", "init", "zeroqat")  # the columns of the metrics table, in the order a run makes them
+
+
+def loss_figure(history: list[dict]):
+    """The training loss (and the held-out loss, when measured) against the step, as a matplotlib Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, Agg renders the PNG
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for key, label in (("loss", "training (mean of the two SPSA passes)"), ("eval_loss", "held-out")):
+        points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    if len(ax.lines) > 1:
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("ZeroQAT training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one row per metric, one column per stage."""
+    stages = [s for s in STAGES if s in metrics] or list(metrics)
+    names = list(dict.fromkeys(k for s in stages for k in metrics[s]))
+    lines = ["| metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for name in names:
+        cells = [format_value(metrics[s].get(name)) for s in stages]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_value(value: Optional[float]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2f}" if abs(value) >= 1.5 else f"{value:.4f}"
+
+
+def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
+    q, t = recipe["quant"], recipe["train"]
+    bits = f"W{q['w_bits']}A{q['a_bits']}" + (f"KV{q['kv_bits']}" if q["kv_bits"] < 16 else "")
+    steps = f"{t['steps']} ZO steps at batch {t['batch_size']}"
+    if recipe["task"] is None:
+        steps += f" x {t['seq_len']} tokens of {t['data']}"
+        if t["loss"] == "distill":
+            steps += f" (loss: KL to the full-precision model's top-{TOP_K} next tokens)"
+    ev = recipe["eval"]
+    tasks = ""
+    if ev["tasks"]:
+        docs = f"the first {ev['limit']} documents" if ev["limit"] else "every document"
+        tasks = f"\nZero-shot: {docs} of each task's evaluation split"
+        if isinstance(ev["limit"], int):  # a binomial standard error is at most 0.5 / sqrt(n)
+            tasks += f"; each accuracy carries a standard error of up to {0.5 / math.sqrt(ev['limit']):.3f}"
+        tasks += "."
+    time_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in timings.items())
+    return f"""# ZeroQAT run `{recipe['name']}`
+
+{recipe['model']}, {bits} group size {q['group_size']}, trainable {q['trainable']}, init {q['init']};
+{steps}, lr {t['lr']}, eps {t['eps']}; device {device}.
+Perplexity: {ev['split']} split, windows of {ev['seq_len']} tokens (at most {ev['max_windows'] or 'all'} per corpus).{tasks}
+`init` is the model ZO training starts from (the RTN model when init is rtn).
+
+{metrics_table(metrics)}
+
+![training loss](loss_curve.png)
+
+## Timings (seconds)
+
+| stage | seconds |
+|---|---|
+{time_rows}
+
+## Settings
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False).rstrip()}
+```
+"""
