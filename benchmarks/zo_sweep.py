@@ -3,8 +3,9 @@ setting trains a fresh copy of it and is evaluated (wiki perplexity, the recipe'
 
 Settings are lists of recipe overrides; each ``--set`` is one setting, e.g.
 ``--set train.lr=1e-5 train.steps=100 --set train.lr=3e-6 train.steps=300``. The quant and calibration
-sections must not change between settings (the init is shared), nor the training windows (train.loss,
-max_windows, data, seq_len; with ``train.loss=distill`` the full-precision targets are computed once).
+sections and ``start_from`` must not change between settings (the init is shared; with ``start_from`` it is
+that adapter), nor the training windows (train.loss, max_windows, data, seq_len; with ``train.loss=distill``
+the full-precision targets are computed once).
 Prints a table and writes JSON after each setting, so a sweep cut short keeps the settings it finished.
 With ``--save-adapters DIR`` the initialized model is saved to DIR/init and each trained one to DIR/1,
 DIR/2, ... with the setting's recipe (``config.yaml``), for ``zqat eval --adapter DIR/1/adapter --recipe
@@ -31,9 +32,9 @@ import torch
 import yaml
 
 from zqat_peft import calibrate
-from zqat_peft.pipeline import (add_teacher, evaluate, load_base, pick_device, prepare_data, quantized_model,
-                               save_adapter, train, write_text)
-from zqat_peft.recipe import load_recipe
+from zqat_peft.pipeline import (add_teacher, evaluate, load_adapter, load_base, pick_device, prepare_data,
+                               quantized_model, save_adapter, train, write_text)
+from zqat_peft.recipe import calibrates, load_recipe
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
     settings = [load_recipe(args.recipe, [*args.base, *s]) for s in args.set]
     shared = ("loss", "max_windows", "data", "seq_len")  # the training windows (and their teacher) are shared
     for s in settings:
-        if s["quant"] != recipe["quant"] or s["calibration"] != recipe["calibration"]:
+        if any(s[k] != recipe[k] for k in ("quant", "calibration", "start_from")):
             raise SystemExit("--set may change train/eval keys only: the initialized model is shared")
         if any(s["train"][k] != recipe["train"][k] for k in shared):
             raise SystemExit(f"--set may not change train.{{{','.join(shared)}}}: the training data is shared "
@@ -60,11 +61,14 @@ def main() -> None:
         data = prepare_data(recipe, tokenizer)
         add_teacher(fp_model, recipe, data)
         del fp_model
-    init_model, tokenizer = quantized_model(recipe, device, recipe["quant"]["init"])
+    if recipe["start_from"]:
+        init_model, tokenizer = load_adapter(recipe, recipe["start_from"], device, trainable=True)
+    else:
+        init_model, tokenizer = quantized_model(recipe, device, recipe["quant"]["init"])
     if data is None:
         data = prepare_data(recipe, tokenizer)
     start = time.perf_counter()
-    if recipe["quant"]["init"] == "calibrate":
+    if calibrates(recipe):
         calibrate(init_model, data["calibration"], progress=False)
     results = {"meta": {"recipe": args.recipe, "base": args.base, "device": device,
                         "calibration_seconds": time.perf_counter() - start},

@@ -236,14 +236,15 @@ def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, ca
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    recipe = load_recipe(None, [
-        f"model={tiny_local_model}", f"output_dir={out}", "save_init=true",
+    overrides = [
+        f"model={tiny_local_model}",
         f"quant={{w_bits: 3, a_bits: 8, group_size: 64, trainable: {trainable}, init: calibrate, calib_epochs: 1, "
         "smooth: false}",
         "calibration={n_samples: 4, seq_len: 64, batch_size: 2}",
         "train={steps: 2, batch_size: 2, seq_len: 32, logging_steps: 1}",
         "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
-    ])
+    ]
+    recipe = load_recipe(None, [*overrides, f"output_dir={out}", "save_init=true"])
     result = pipeline.run(recipe)
     metrics = result["metrics"]
     assert pipeline.is_done(out) and "calibration" in result["timings"]
@@ -269,6 +270,20 @@ def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, ca
             assert max(len(torch.unique(g)) for g in groups) <= 2 ** 3, name  # on the W3 g64 grid
     assert (merged_dir / "tokenizer.json").is_file()
     assert cli.main(["export", "--adapter", str(out / "adapter"), "--out", str(merged_dir)]) == 2
+
+    # start_from the saved init: no RTN or calibration stage, the same start, the same training
+    again = load_recipe(None, [*overrides, f"output_dir={tmp_path / 'again'}", f"start_from={out / 'init_adapter'}"])
+    calibrating_on_lee = [*overrides, "calibration.data=lee"]
+    assert "lee" in required_assets(load_recipe(None, calibrating_on_lee))
+    assert "lee" not in required_assets(load_recipe(None, [*calibrating_on_lee, f"start_from={out / 'init_adapter'}"]))
+    result = pipeline.run(again)
+    assert "rtn" not in result["metrics"] and "calibration" not in result["timings"]
+    for stage in ("init", "zeroqat"):
+        assert result["metrics"][stage]["wiki_ppl"] == pytest.approx(metrics[stage]["wiki_ppl"], rel=1e-6)
+    with pytest.raises(RecipeError, match="quant.w_bits 3 there, 4 here"):
+        load_recipe(None, [*overrides, "quant.w_bits=4", f"start_from={out / 'init_adapter'}"])
+    with pytest.raises(FileNotFoundError, match="start_from: no adapter"):
+        load_recipe(None, [*overrides, f"start_from={tmp_path / 'nothing'}"])
 
 
 def _train_with_held_out_checks(model_dir: Path, work: Path, steps: int, lr: float):

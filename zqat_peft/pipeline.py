@@ -45,7 +45,7 @@ from . import distill, finetune
 from .calibration import calibrate, calibration_batches
 from .data import load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
-from .recipe import DTYPES, RecipeError, changed_keys, output_dir, quant_config
+from .recipe import DTYPES, RecipeError, calibrates, changed_keys, output_dir, quant_config
 from .report import format_value, loss_figure, report
 from .tuner import ZQATLinear
 from .zo import ZOTrainer, ZOTrainingArguments
@@ -158,7 +158,7 @@ def prepare_eval_data(recipe: dict, tokenizer) -> dict[str, Any]:
 def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
     """Everything the stages read: the evaluation data, calibration batches, the training set."""
     data = prepare_eval_data(recipe, tokenizer)
-    if recipe["quant"]["init"] == "calibrate":
+    if calibrates(recipe):
         c = recipe["calibration"]
         data["calibration"] = calibration_batches(corpus_tokens(tokenizer, c["data"], "train"), c["n_samples"],
                                                   c["seq_len"], c["batch_size"], recipe["seed"])
@@ -356,7 +356,12 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
 
 def initial_model(recipe: dict, tokenizer, data: dict, device: str, metrics: dict, timings: dict):
     """The RTN model and, with ``init: calibrate``, the calibrated one, each evaluated into ``metrics``;
-    returns the model training starts from."""
+    returns the model training starts from. With ``start_from`` that is the saved adapter (no RTN column)."""
+    if recipe["start_from"] is not None:
+        with _timed("init", timings):
+            model, _ = load_adapter(recipe, recipe["start_from"], device, trainable=True)
+            metrics["init"] = evaluate(model, tokenizer, recipe, data)
+        return model
     with _timed("rtn", timings):
         model, _ = quantized_model(recipe, device, "rtn")
         metrics["rtn"] = evaluate(model, tokenizer, recipe, data)

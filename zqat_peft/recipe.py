@@ -48,6 +48,9 @@ def default_recipe() -> dict:
         # also write runs/NAME/init_adapter, the model ZO training starts from, so it can be evaluated later
         # on more data (zqat eval --adapter runs/NAME/init_adapter) against runs/NAME/adapter
         "save_init": False,
+        # an adapter folder (e.g. runs/NAME/init_adapter, or a trained runs/NAME/adapter) to train from instead of
+        # quantizing and calibrating anew; its quantization settings must be the recipe's quant keys
+        "start_from": None,
         "task": None,  # None: language modelling; "boolq": fine-tuning
         "quant": {k: copy.deepcopy(getattr(quant, k)) for k in QUANT_KEYS},  # ZeroQATConfig fields
         "calibration": {"data": "wiki", "n_samples": 32, "seq_len": 256, "batch_size": 4},
@@ -169,6 +172,34 @@ def check_recipe(recipe: dict) -> None:
     if not isinstance(recipe["save_init"], bool):
         raise RecipeError(f"save_init must be true or false, got {recipe['save_init']!r}")
     quant_config(recipe)  # ZeroQATConfig checks the quantization settings
+    if recipe["start_from"] is not None:
+        check_start_from(recipe)
+
+
+# What a saved adapter's codes, scales and smoothing depend on: a recipe that starts from it must agree.
+START_KEYS = ("w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "trainable", "init")
+
+
+def check_start_from(recipe: dict) -> None:
+    """Refuse a ``start_from`` that is not an adapter folder, or whose quantization is not the recipe's."""
+    path = recipe["start_from"]
+    if not isinstance(path, str) or not (Path(path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"start_from: no adapter in {path!r} (no adapter_config.json); expected an adapter "
+                                "folder such as runs/NAME/init_adapter")
+    saved, wanted = ZeroQATConfig.from_pretrained(path), quant_config(recipe)
+    keys = [*START_KEYS, "trainable_modules"] if wanted.trainable == "lightweight" else list(START_KEYS)
+    differ = [f"quant.{k} {getattr(saved, k)!r} there, {getattr(wanted, k)!r} here" for k in keys
+              if getattr(saved, k) != getattr(wanted, k)]
+    if saved.smooths != wanted.smooths:
+        differ.append(f"quant.smooth {saved.smooth!r} there, {wanted.smooth!r} here")
+    if differ:
+        raise RecipeError(f"start_from {path} was quantized otherwise ({'; '.join(differ)}): set those quant keys "
+                          "to the adapter's")
+
+
+def calibrates(recipe: dict) -> bool:
+    """Whether the job calibrates a fresh quantized model (not when it starts from a saved adapter)."""
+    return recipe["quant"]["init"] == "calibrate" and recipe["start_from"] is None
 
 
 def quant_config(recipe: dict, **changes: Any) -> ZeroQATConfig:
@@ -185,7 +216,7 @@ def required_assets(recipe: dict) -> list[str]:
     sources = list(recipe["eval"]["corpora"].values())
     if recipe["task"] is None:
         sources.append(recipe["train"]["data"])
-    if recipe["quant"]["init"] == "calibrate":
+    if calibrates(recipe):
         sources.append(recipe["calibration"]["data"])
     names |= {s for s in sources if s in TEXT_CORPORA}
     if recipe["eval"]["tasks"] or recipe["task"]:

@@ -65,13 +65,15 @@ def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
         if isinstance(ev["limit"], int):  # a binomial standard error is at most 0.5 / sqrt(n)
             tasks += f"; each accuracy carries a standard error of up to {0.5 / math.sqrt(ev['limit']):.3f}"
         tasks += "."
+    start = f"the adapter in {recipe['start_from']}" if recipe["start_from"] else (
+        "the calibrated model" if q["init"] == "calibrate" else "the RTN model")
     time_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in timings.items())
     return f"""# ZeroQAT run `{recipe['name']}`
 
 {recipe['model']}, {bits} group size {q['group_size']}, trainable {q['trainable']}, init {q['init']};
 {steps}, lr {t['lr']}, eps {t['eps']}; device {device}.
 Perplexity: {ev['split']} split, windows of {ev['seq_len']} tokens (at most {ev['max_windows'] or 'all'} per corpus).{tasks}
-`init` is the model ZO training starts from (the RTN model when init is rtn).
+`init` is the model ZO training starts from ({start}).
 
 {metrics_table(metrics)}
 
