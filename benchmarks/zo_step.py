@@ -78,8 +78,24 @@ def measure(args, what: str) -> dict:
             times[name].append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if args.profile and what == "zo":
+        print_profile(runs, args.device)
     return {"seconds": {k: statistics.median(v) for k, v in times.items() if v}, "peak_bytes": peak,
             "trained_params": sum(p.param.numel() for p in params)}
+
+
+def print_profile(runs: dict, device: str) -> None:
+    """Per-kernel times of one forward and one ZO step (to stderr, which the parent prints)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    for name in ("forward", "zo"):
+        with torch.profiler.profile(activities=activities) as prof:
+            runs[name](1000)
+            sync(device)
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(f"--- one {name}", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=60), file=sys.stderr)
 
 
 def main() -> None:
@@ -95,6 +111,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--out", default="benchmarks/results/zo_step.json")
+    parser.add_argument("--profile", action="store_true", help="print per-kernel times of one forward and ZO step")
     parser.add_argument("--child", choices=["forward", "zo"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -108,7 +125,10 @@ def main() -> None:
         row = {}
         for what in ("forward", "zo"):
             cmd = [sys.executable, __file__, "--child", what, "--mode", mode] + _forward_args(args)
-            row[what] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            child = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            if args.profile:
+                print(child.stderr, file=sys.stderr)
+            row[what] = json.loads(child.stdout.splitlines()[-1])
         seconds = row["zo"]["seconds"]  # forward and ZO step timed together in the ZO process
         row["forward_seconds"], row["zo_seconds"] = seconds["forward"], seconds["zo"]
         row["time_ratio"] = seconds["zo"] / seconds["forward"]
@@ -127,7 +147,8 @@ def main() -> None:
 def _forward_args(args) -> list[str]:
     return ["--shape", args.shape, "--w-bits", str(args.w_bits), "--group-size", str(args.group_size),
             "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
-            "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
+            "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)] + (
+                ["--profile"] if args.profile else [])
 
 
 if __name__ == "__main__":

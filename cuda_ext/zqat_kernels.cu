@@ -21,7 +21,7 @@
 // These kernels are deliberately simple (a warp per quantization group, a thread per packed column).
 // Notes marked "Faster:" say what an optimised version would change.
 //
-// STATUS: compile-checked with nvcc (sm_90), not yet run on a GPU.
+// STATUS: run and tested on an NVIDIA H100 (tests/test_kernels.py).
 
 // Only ATen's Tensor and the CUDA headers: no c10/cuda headers here (CPU builds of torch ship them
 // incomplete), so this file compiles against any torch. The binding (zqat_kernels_bind.cpp, built only
@@ -138,13 +138,45 @@ int blocks_for(int64_t work, int per_block) {
 
 // dst[i] = src[i] + float32(s * z(k, offset + i)). src may equal dst (no __restrict__): each element is
 // read by the thread that writes it. Grid-stride loop.
-// Faster: 128-bit vector loads/stores (4 floats / 8 bf16 per thread) and a grid sized to the SM count.
+// The tail and unaligned tensors take this kernel; the bulk takes the 16-byte one below.
 template <typename T>
 __global__ void add_scaled_noise_kernel(const T* src, T* dst, int64_t n, uint32_t k, float s, uint32_t offset) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const float t = __fmul_rn(s, zo_noise(k, offset + static_cast<uint32_t>(i)));
     dst[i] = add_t(src[i], t);
+  }
+}
+
+// The same for 16-byte-aligned src and dst: a thread loads and stores kVec = 16 / sizeof(T) consecutive
+// elements at once (the update streams every master weight through here, so it is bandwidth-bound).
+template <typename T>
+__global__ void add_scaled_noise_vec_kernel(const T* src, T* dst, int64_t n_vec, uint32_t k, float s, uint32_t offset) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n_vec; v += stride) {
+    union { uint4 bits; T e[kVec]; } in, res;
+    in.bits = reinterpret_cast<const uint4*>(src)[v];
+    const uint32_t first = offset + static_cast<uint32_t>(v * kVec);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) res.e[j] = add_t(in.e[j], __fmul_rn(s, zo_noise(k, first + j)));
+    reinterpret_cast<uint4*>(dst)[v] = res.bits;
+  }
+}
+
+template <typename T>
+void launch_add_scaled_noise(const T* src, T* dst, int64_t n, uint32_t k, float s, uint32_t offset,
+                             cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  const int64_t n_vec = aligned ? n / kVec : 0;
+  if (n_vec > 0) {
+    add_scaled_noise_vec_kernel<T><<<blocks_for(n_vec, kThreads), kThreads, 0, stream>>>(src, dst, n_vec, k, s, offset);
+  }
+  const int64_t done = n_vec * kVec;
+  if (done < n) {
+    add_scaled_noise_kernel<T><<<blocks_for(n - done, kThreads * 4), kThreads, 0, stream>>>(
+        src + done, dst + done, n - done, k, s, offset + static_cast<uint32_t>(done));
   }
 }
 
@@ -171,37 +203,17 @@ __device__ __forceinline__ float perturbed_value(const TW* w, int64_t idx, const
   return Num<TW>::load(v);
 }
 
-// One warp per (row, group): pass 1 reduces min/max of w' over the group, lane 0..31 striding over its
-// columns; pass 2 recomputes w' (the hash is cheaper than keeping a group in shared memory for any group
-// size, per-channel included) and writes dequant(quant(w')). Computes, in float32 and in this order:
+// Scale and zero of one group from the min/max of its w' (the range always includes 0), in float32 and in
+// this order:
 //   wmin = min(min_g w', 0) * sigmoid(clip_lower), wmax = max(max_g w', 0) * sigmoid(clip_upper)
 //   asymmetric: scale = max((wmax - wmin) * inv_range, 1e-8), zero = clamp(round(-wmin / scale), 0, qmax)
 //   symmetric:  scale = max(max(-wmin, wmax) * inv_range, 1e-8), zero = 2**(bits-1)
-//   code = clamp(round(w' / scale) + zero, 0, qmax);  out = dtype((code - zero) * scale)
-// Faster: for group <= 256 keep the group's w' in registers (template on group / 32) instead of
-// rehashing; vectorised loads; a block per row with several groups per warp for small groups.
-template <typename TW, typename TO>
-__global__ void perturbed_fake_quant_weight_kernel(const TW* __restrict__ w, TO* __restrict__ out,
-                                                   const float* __restrict__ clip_lower,
-                                                   const float* __restrict__ clip_upper, WeightQuantParams p) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (warp >= p.rows * p.n_groups) return;  // the whole warp leaves together
-  const int64_t row = warp / p.n_groups;
-  const int64_t g = warp - row * p.n_groups;
-  const int64_t base = row * p.cols + g * p.group;
-
-  float lo = 0.0f, hi = 0.0f;  // the range always includes 0
-  for (int64_t c = lane; c < p.group; c += 32) {
-    const float v = perturbed_value(w, base + c, p);
-    lo = fminf(lo, v);
-    hi = fmaxf(hi, v);
-  }
+__device__ __forceinline__ void group_qparams(float lo, float hi, int64_t qi, const float* __restrict__ clip_lower,
+                                              const float* __restrict__ clip_upper, const WeightQuantParams& p,
+                                              float& scale, float& zero) {
   float wmin = warp_min(lo), wmax = warp_max(hi);
-  const int64_t qi = row * p.n_groups + g;
   if (clip_lower != nullptr) wmin = __fmul_rn(wmin, sigmoid_f(clip_lower[qi]));
   if (clip_upper != nullptr) wmax = __fmul_rn(wmax, sigmoid_f(clip_upper[qi]));
-  float scale, zero;
   if (p.symmetric) {
     scale = clamp_min_nan(__fmul_rn(maximum_nan(-wmin, wmax), p.inv_range), kMinScale);
     zero = p.sym_zero;
@@ -209,12 +221,62 @@ __global__ void perturbed_fake_quant_weight_kernel(const TW* __restrict__ w, TO*
     scale = clamp_min_nan(__fmul_rn(__fsub_rn(wmax, wmin), p.inv_range), kMinScale);
     zero = clamp_nan(rintf(__fdiv_rn(-wmin, scale)), 0.0f, p.qmax);
   }
+}
+
+// dequant(quant(w')) = dtype((clamp(round(w' / scale) + zero, 0, qmax) - zero) * scale). The + 0.0f turns a
+// code of -0 into +0, as the uint8 codes of quantize_weight do (the activation path below keeps float codes,
+// as fake_quantize_activation does).
+__device__ __forceinline__ float fake_quant_value(float v, float scale, float zero, float qmax) {
+  const float code = __fadd_rn(clamp_nan(__fadd_rn(rintf(__fdiv_rn(v, scale)), zero), 0.0f, qmax), 0.0f);
+  return __fmul_rn(__fsub_rn(code, zero), scale);
+}
+
+// One warp per (row, group), kPerLane = group / 32 values per lane (group 32, 64, 128 or 256): each lane reads
+// its w' once (coalesced across the warp, the noise hashed once) and keeps them in registers between the
+// min/max reduction and the write.
+template <typename TW, typename TO, int kPerLane>
+__global__ void perturbed_fake_quant_weight_kernel(const TW* __restrict__ w, TO* __restrict__ out,
+                                                   const float* __restrict__ clip_lower,
+                                                   const float* __restrict__ clip_upper, WeightQuantParams p) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= p.rows * p.n_groups) return;  // the whole warp leaves together
+  const int64_t base = warp * (32 * kPerLane);  // groups tile each row, so group `warp` starts here
+  float v[kPerLane];
+  float lo = 0.0f, hi = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    v[j] = perturbed_value(w, base + lane + 32 * j, p);
+    lo = fminf(lo, v[j]);
+    hi = fmaxf(hi, v[j]);
+  }
+  float scale, zero;
+  group_qparams(lo, hi, warp, clip_lower, clip_upper, p, scale, zero);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) out[base + lane + 32 * j] = Num<TO>::store(fake_quant_value(v[j], scale, zero, p.qmax));
+}
+
+// Any other group size (per-channel included): one warp per (row, group), lanes striding over its columns;
+// pass 2 recomputes w' (hashing again is cheaper than holding a long group in shared memory).
+template <typename TW, typename TO>
+__global__ void perturbed_fake_quant_weight_strided_kernel(const TW* __restrict__ w, TO* __restrict__ out,
+                                                           const float* __restrict__ clip_lower,
+                                                           const float* __restrict__ clip_upper,
+                                                           WeightQuantParams p) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= p.rows * p.n_groups) return;
+  const int64_t base = warp * p.group;
+  float lo = 0.0f, hi = 0.0f;
   for (int64_t c = lane; c < p.group; c += 32) {
     const float v = perturbed_value(w, base + c, p);
-    // + 0.0f turns a code of -0 into +0, as the uint8 codes of quantize_weight do (the activation path
-    // below keeps float codes, as fake_quantize_activation does)
-    const float code = __fadd_rn(clamp_nan(__fadd_rn(rintf(__fdiv_rn(v, scale)), zero), 0.0f, p.qmax), 0.0f);
-    out[base + c] = Num<TO>::store(__fmul_rn(__fsub_rn(code, zero), scale));
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+  float scale, zero;
+  group_qparams(lo, hi, warp, clip_lower, clip_upper, p, scale, zero);
+  for (int64_t c = lane; c < p.group; c += 32) {
+    out[base + c] = Num<TO>::store(fake_quant_value(perturbed_value(w, base + c, p), scale, zero, p.qmax));
   }
 }
 
@@ -470,14 +532,12 @@ void add_scaled_noise_cuda(const at::Tensor& src, const at::Tensor& dst, int64_t
   const uint32_t k = stream_key(seed, key);
   const float s = static_cast<float>(scale);
   const uint32_t off = static_cast<uint32_t>(offset);
-  const int blocks = blocks_for(n, kThreads * 4);  // ~4 elements per thread
   if (src.scalar_type() == at::kDouble) {
-    add_scaled_noise_kernel<double><<<blocks, kThreads, 0, stream>>>(ptr<const double>(src), ptr<double>(dst), n, k,
-                                                                       s, off);
+    launch_add_scaled_noise<double>(ptr<const double>(src), ptr<double>(dst), n, k, s, off, stream);
   } else {
     dispatch_half_types(src.scalar_type(), "add_scaled_noise_cuda", [&](auto tag) {
       using T = decltype(tag);
-      add_scaled_noise_kernel<T><<<blocks, kThreads, 0, stream>>>(ptr<const T>(src), ptr<T>(dst), n, k, s, off);
+      launch_add_scaled_noise<T>(ptr<const T>(src), ptr<T>(dst), n, k, s, off, stream);
     });
   }
   check_launch();
@@ -528,8 +588,15 @@ void perturbed_fake_quant_weight_cuda(const at::Tensor& weight, const at::Tensor
     using TW = decltype(wtag);
     dispatch_half_types(out.scalar_type(), "perturbed_fake_quant_weight_cuda (out)", [&](auto otag) {
       using TO = decltype(otag);
-      perturbed_fake_quant_weight_kernel<TW, TO>
-          <<<blocks, kThreads, 0, stream>>>(ptr<const TW>(weight), ptr<TO>(out), lo, hi, p);
+      const TW* src = ptr<const TW>(weight);
+      TO* dst = ptr<TO>(out);
+      switch (group) {
+        case 32: perturbed_fake_quant_weight_kernel<TW, TO, 1><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p); break;
+        case 64: perturbed_fake_quant_weight_kernel<TW, TO, 2><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p); break;
+        case 128: perturbed_fake_quant_weight_kernel<TW, TO, 4><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p); break;
+        case 256: perturbed_fake_quant_weight_kernel<TW, TO, 8><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p); break;
+        default: perturbed_fake_quant_weight_strided_kernel<TW, TO><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p);
+      }
     });
   });
   check_launch();

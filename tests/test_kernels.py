@@ -348,19 +348,42 @@ def test_cuda_noise_bit_identical(cuda_ext, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_noise_offsets_and_unaligned_views(cuda_ext, dtype):
+    """The 16-byte path (aligned bulk) and the scalar path (tail, unaligned views) index the same stream."""
+    seed, key, scale = 2024, param_key("offsets"), -0.3
+    base = (torch.randn(70_011) * 0.05).to(dtype)
+    for start, offset in [(0, 0), (0, 3), (1, 0), (3, 2**31 - 80_000)]:
+        p = base[start:]
+        t = zo_noise(seed, key, p.numel(), offset=offset) * noise._f32(scale)  # float32, as the definition says
+        ref = p + t.double() if dtype == torch.float64 else (p.float() + t).to(dtype)
+        q = base.cuda()[start:]
+        cuda_ext.add_scaled_noise(q, q, seed, key, scale, offset)
+        assert _same_bits(q.cpu(), ref), (start, offset)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (2, 64, False), (3, 128, True), (8, -1, False)])
-def test_cuda_perturbed_fake_quant_weight(cuda_ext, dtype, bits, group, symmetric):
-    w = (torch.randn(96, 256, device="cuda") * 0.02).to(dtype)
-    n_groups = 256 // (256 if group == -1 else group)
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (2, 64, False), (3, 128, True), (4, 256, False),
+                                                  (8, -1, False), (3, 192, False)])
+def test_cuda_perturbed_fake_quant_weight(cuda_ext, monkeypatch, dtype, bits, group, symmetric):
+    """The fused kernel equals the PyTorch path on CUDA bit for bit, for groups held in registers (32-256)
+    and strided ones (per channel over 768 columns, 192), with and without noise, in every output dtype."""
+    from zqat_peft.quant import primitives
+
+    w = (torch.randn(96, 768, device="cuda") * 0.02).to(dtype)
+    n_groups = 768 // (768 if group == -1 else group)
     lo = torch.randn(96, n_groups, device="cuda") + 2
     hi = torch.randn(96, n_groups, device="cuda") + 2
+    monkeypatch.setattr(primitives, "cuda_ext", lambda: None)  # the reference: torch's own ops on CUDA
+    monkeypatch.setattr(noise, "cuda_ext", lambda: None)
     for scale in (0.0, 1e-3, -2e-3):
         wp = add_scaled_noise(w, 17, param_key("w"), scale)
-        ref = fake_quantize_weight(wp, bits, group, symmetric, lo, hi)  # torch on CUDA
-        out = torch.empty_like(w)
-        cuda_ext.perturbed_fake_quant_weight(w, out, 17, param_key("w"), scale, lo, hi, bits, group, symmetric)
-        assert _same_bits(out, ref), (scale, (out.float() - ref.float()).abs().max().item())
+        for out_dtype in (dtype, torch.bfloat16, torch.float32):
+            ref = fake_quantize_weight(wp, bits, group, symmetric, lo, hi, dtype=out_dtype)
+            out = torch.full_like(w, float("nan"), dtype=out_dtype)
+            cuda_ext.perturbed_fake_quant_weight(w, out, 17, param_key("w"), scale, lo, hi, bits, group, symmetric)
+            assert _same_bits(out, ref), (scale, out_dtype, (out.float() - ref.float()).abs().max().item())
 
 
 @needs_cuda
@@ -375,11 +398,13 @@ def test_cuda_fake_quantize_weight_with_noise_uses_the_fused_kernel(cuda_ext, mo
     lo, hi = torch.randn(96, 4, device="cuda") + 2, torch.randn(96, 4, device="cuda") + 2
     perturbation = WeightNoise(2**40 + 3, param_key("w"), -1.5e-3)  # seeds are taken mod 2**32 on both paths
     fused = fake_quantize_weight(w, 3, 64, False, lo, hi, noise=perturbation)
+    fused_bf16 = fake_quantize_weight(w, 3, 64, False, lo, hi, noise=perturbation, dtype=torch.bfloat16)
     with monkeypatch.context() as m:
         m.setattr(primitives, "cuda_ext", lambda: None)
         m.setattr(noise, "cuda_ext", lambda: None)
         ref = fake_quantize_weight(w, 3, 64, False, lo, hi, noise=perturbation)
     assert _same_bits(fused, ref)
+    assert fused_bf16.dtype == torch.bfloat16 and _same_bits(fused_bf16, ref.to(torch.bfloat16))
 
 
 @needs_cuda

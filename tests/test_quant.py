@@ -152,6 +152,23 @@ def test_fake_quant_is_bitwise_quantize_dequantize(bits, symmetric, dtype):
         assert torch.equal(actual, expected)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_output_dtype_is_rounded_once(dtype):
+    """dtype= gives the float32 result rounded once: for a float32 master, the same bits as converting
+    afterwards; for a bfloat16 master in float32, the exact dequantized values (no bfloat16 step between)."""
+    w = make_weight(seed=8, dtype=dtype)
+    lower, upper = make_clip_logits(64)
+    scale, zero = weight_qparams(w, 3, 64, False, lower, upper)
+    exact = dequantize_weight(quantize_weight(w, scale, zero, 3), scale, zero, dtype=torch.float32)
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = fake_quantize_weight(w, 3, 64, False, lower, upper, dtype=out_dtype)
+        assert got.dtype == out_dtype and torch.equal(got, exact.to(out_dtype))
+        ste = fake_quantize_weight(w, 3, 64, False, lower.clone().requires_grad_(), upper, dtype=out_dtype)
+        assert ste.dtype == out_dtype and torch.allclose(ste.detach().float(), got.float(), rtol=1e-2, atol=1e-6)
+    if dtype == torch.bfloat16:
+        assert not torch.equal(exact, exact.to(dtype).float()), "the test needs values that bfloat16 rounds"
+
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", WEIGHT_BITS)
 def test_ste_path_forward_matches_exact_path(bits, symmetric):

@@ -213,8 +213,9 @@ def fake_quantize_weight(
     clip_lower: Tensor | None = None,
     clip_upper: Tensor | None = None,
     noise: WeightNoise | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Quantize-then-dequantize a weight, keeping its shape [out, in] and dtype.
+    """Quantize-then-dequantize a weight, keeping its shape [out, in].
 
     Without gradients this is literally ``dequantize_weight(quantize_weight(...))``, so it agrees
     bit for bit with what an exported (packed) checkpoint computes. When the weight or a clip
@@ -225,14 +226,19 @@ def fake_quantize_weight(
     ``noise`` quantizes ``add_scaled_noise(weight, noise.seed, noise.key, noise.scale)`` instead of
     ``weight`` (a ZO perturbation), bit for bit; the CUDA kernel generates the noise while it quantizes, so
     no perturbed copy of the weight is written. It takes no gradient.
+
+    The result is computed in float32 and rounded once to ``dtype`` (default: the weight's), so a forward
+    in bfloat16 gets its weight without a float32 copy in between (the CUDA kernel writes ``dtype``).
     """
     if noise is not None and _needs_grad(weight, clip_lower, clip_upper):
         raise ValueError("fake_quantize_weight: a noise-perturbed weight takes no gradient; run it under torch.no_grad()")
     clips_float32 = all(c is None or c.dtype == torch.float32 for c in (clip_lower, clip_upper))
-    ext = cuda_kernels_for(weight, clip_lower, clip_upper) if clips_float32 else None
+    dtype = dtype or weight.dtype
+    kernel_ok = clips_float32 and dtype in _KERNEL_DTYPES
+    ext = cuda_kernels_for(weight, clip_lower, clip_upper) if kernel_ok else None
     if ext is not None:
         seed, key, scale = (noise.seed, noise.key, noise.scale) if noise is not None else (0, 0, 0.0)
-        out = torch.empty_like(weight)
+        out = torch.empty_like(weight, dtype=dtype)
         ext.perturbed_fake_quant_weight(weight, out, seed & _M32, key & _M32, float(scale), clip_lower, clip_upper,
                                         bits, group_size, symmetric)
         return out
@@ -241,14 +247,14 @@ def fake_quantize_weight(
     scale, zero = weight_qparams(weight, bits, group_size, symmetric, clip_lower, clip_upper)
     if not _needs_grad(weight, clip_lower, clip_upper):
         codes = quantize_weight(weight, scale, zero, bits)
-        return dequantize_weight(codes, scale, zero, dtype=weight.dtype)
+        return dequantize_weight(codes, scale, zero, dtype=dtype)
 
     out_features, in_features = weight.shape
     groups = _group_view(weight, in_features // scale.shape[1])
     scale3, zero3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
     codes = (round_ste(groups / scale3) + zero3).clamp(0, 2**bits - 1)
     fake = (codes - zero3) * scale3
-    return fake.reshape(out_features, in_features).to(weight.dtype)
+    return fake.reshape(out_features, in_features).to(dtype)
 
 
 def fake_quantize_activation(x: Tensor, bits: int, group_size: int = -1) -> Tensor:

@@ -163,12 +163,11 @@ class ZQATLayer(BaseTunerLayer):
                 self.zqat_qweight[adapter_name], self.zqat_scales[adapter_name], self.zqat_zeros[adapter_name],
                 spec.w_bits, self.in_features, dtype=dtype or torch.float32,
             )
-        weight = fake_quantize_weight(
+        return fake_quantize_weight(
             self.zqat_weight[adapter_name], spec.w_bits, spec.group_size, spec.symmetric,
             self.zqat_clip_lower[adapter_name], self.zqat_clip_upper[adapter_name],
-            noise=self.zqat_weight_noise.get(adapter_name),
+            noise=self.zqat_weight_noise.get(adapter_name), dtype=dtype,
         )
-        return weight if dtype is None else weight.to(dtype)
 
 
 class ZQATLinear(nn.Module, ZQATLayer):
