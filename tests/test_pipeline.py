@@ -284,6 +284,8 @@ def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, ca
         load_recipe(None, [*overrides, "quant.w_bits=4", f"start_from={out / 'init_adapter'}"])
     with pytest.raises(FileNotFoundError, match="start_from: no adapter"):
         load_recipe(None, [*overrides, f"start_from={tmp_path / 'nothing'}"])
+    with pytest.raises(RecipeError, match="trained on the base model"):
+        load_recipe(None, [*overrides, "model=smollm2-135m", f"start_from={out / 'init_adapter'}"])
 
 
 def _train_with_held_out_checks(model_dir: Path, work: Path, steps: int, lr: float):

@@ -195,6 +195,15 @@ def check_start_from(recipe: dict) -> None:
     if differ:
         raise RecipeError(f"start_from {path} was quantized otherwise ({'; '.join(differ)}): set those quant keys "
                           "to the adapter's")
+    base = saved.base_model_name_or_path
+    if base and _model_name(base) != _model_name(recipe["model"]):
+        raise RecipeError(f"start_from {path} was trained on the base model {base!r}, the recipe's model is "
+                          f"{recipe['model']!r}: set model= to the adapter's base model")
+
+
+def _model_name(name_or_path: Any) -> str:
+    """A model's last name component, so that a short name, its cached folder and a moved copy compare equal."""
+    return Path(str(name_or_path).rstrip("/\\")).name.lower()
 
 
 def calibrates(recipe: dict) -> bool:
