@@ -253,7 +253,9 @@ __global__ void perturbed_fake_quant_weight_kernel(const TW* __restrict__ w, TO*
   float scale, zero;
   group_qparams(lo, hi, warp, clip_lower, clip_upper, p, scale, zero);
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) out[base + lane + 32 * j] = Num<TO>::store(fake_quant_value(v[j], scale, zero, p.qmax));
+  for (int j = 0; j < kPerLane; ++j) {
+    out[base + lane + 32 * j] = Num<TO>::store(fake_quant_value(v[j], scale, zero, p.qmax));
+  }
 }
 
 // Any other group size (per-channel included): one warp per (row, group), lanes striding over its columns;
@@ -590,12 +592,17 @@ void perturbed_fake_quant_weight_cuda(const at::Tensor& weight, const at::Tensor
       using TO = decltype(otag);
       const TW* src = ptr<const TW>(weight);
       TO* dst = ptr<TO>(out);
+      auto in_registers = [&](auto per_lane) {
+        perturbed_fake_quant_weight_kernel<TW, TO, decltype(per_lane)::value>
+            <<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p);
+      };
       switch (group) {
-        case 32: perturbed_fake_quant_weight_kernel<TW, TO, 1><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p); break;
-        case 64: perturbed_fake_quant_weight_kernel<TW, TO, 2><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p); break;
-        case 128: perturbed_fake_quant_weight_kernel<TW, TO, 4><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p); break;
-        case 256: perturbed_fake_quant_weight_kernel<TW, TO, 8><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p); break;
-        default: perturbed_fake_quant_weight_strided_kernel<TW, TO><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p);
+        case 32: in_registers(std::integral_constant<int, 1>{}); break;
+        case 64: in_registers(std::integral_constant<int, 2>{}); break;
+        case 128: in_registers(std::integral_constant<int, 4>{}); break;
+        case 256: in_registers(std::integral_constant<int, 8>{}); break;
+        default:
+          perturbed_fake_quant_weight_strided_kernel<TW, TO><<<blocks, kThreads, 0, stream>>>(src, dst, lo, hi, p);
       }
     });
   });
