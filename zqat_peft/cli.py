@@ -23,7 +23,9 @@ from typing import Optional, Sequence
 import yaml
 
 from .data import ASSETS, fetch
-from .pipeline import AssetError, evaluate, load_adapter, merge_for_export, pick_device, prepare_eval_data, resume_state, run
+from .pipeline import (
+    AssetError, evaluate, load_adapter, merge_for_export, pick_device, prepare_eval_data, resume_state, run,
+)
 from .recipe import load_recipe, output_dir, required_assets
 from .report import metrics_table
 from .zo import ZODivergenceError
