@@ -336,6 +336,24 @@ def test_eval_steps_gives_back_the_start_when_no_checkpoint_beats_it(tiny_local_
 
 
 @needs_model_and_wiki
+def test_scheduler_and_its_arguments_reach_the_trainer(tiny_local_model, tmp_path):
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", "quant={w_bits: 3, group_size: 64, trainable: full, init: rtn}",
+        "train={steps: 6, batch_size: 2, seq_len: 32, lr: 1.0, logging_steps: 1, scheduler: warmup_stable_decay}",
+        "train.scheduler_kwargs={num_decay_steps: 2, min_lr_ratio: 0.25, decay_type: linear}",
+    ])
+    model, tokenizer = pipeline.quantized_model(recipe, "cpu", "rtn")
+    history = pipeline.train(model, recipe, pipeline.prepare_data(recipe, tokenizer), tmp_path, "cpu")
+    lrs = [e["learning_rate"] for e in history if "learning_rate" in e]
+    # the rate each step used: four stable steps, then two decaying linearly from the full rate toward 0.25 of it
+    assert lrs == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.0, 0.625])
+    with pytest.raises(RecipeError, match="train.scheduler must be one of .*warmup_stable_decay"):
+        load_recipe(None, ["train.scheduler=step"])
+    with pytest.raises(RecipeError, match="train.scheduler_kwargs must be a mapping"):
+        load_recipe(None, ["train.scheduler_kwargs=300"])
+
+
+@needs_model_and_wiki
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model, tmp_path, monkeypatch, capsys):
     def recipe(name: str, *more: str) -> dict:
         return load_recipe(None, [

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import yaml
+from transformers import SchedulerType
 
 from .data import ASSETS, MODELS, TEXT_CORPORA
 from .evaluation.zeroshot import available_tasks
@@ -58,6 +59,9 @@ def default_recipe() -> dict:
             "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
             "grad_clip": None, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "logging_steps": 10,
             "bf16": False,
+            # a transformers scheduler's own arguments (TrainingArguments.lr_scheduler_kwargs), e.g. for
+            # scheduler: warmup_stable_decay, {num_decay_steps: 300, min_lr_ratio: 0.3, decay_type: linear}
+            "scheduler_kwargs": {},
             # "ce": next-token cross-entropy on train.data; "distill": KL to the full-precision model's top-k
             # next-token distribution on the same windows (zqat_peft.distill), which keeps the model close to
             # what it was rather than fitting train.data
@@ -160,6 +164,12 @@ def check_recipe(recipe: dict) -> None:
             continue
         if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
             raise RecipeError(f"train.{key} must be a positive integer{' or null' if nullable else ''}, got {t[key]!r}")
+    schedulers = [s.value for s in SchedulerType]
+    if t["scheduler"] not in schedulers:
+        raise RecipeError(f"train.scheduler must be one of {', '.join(schedulers)}; got {t['scheduler']!r}")
+    if not isinstance(t["scheduler_kwargs"], dict):
+        raise RecipeError("train.scheduler_kwargs must be a mapping of the scheduler's arguments, e.g. "
+                          f"{{num_decay_steps: 100}}; got {t['scheduler_kwargs']!r}")
     if t["loss"] not in TRAIN_LOSSES:
         raise RecipeError(f"train.loss must be one of {TRAIN_LOSSES}, got {t['loss']!r}")
     if t["loss"] == "distill" and recipe["task"] is not None:
