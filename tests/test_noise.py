@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from zqat_peft import noise
+from zqat_peft.kernels import cpu_noise_ext
 from zqat_peft.noise import (
     NOISE_SCALE,
+    add_noise_update_,
     add_scaled_noise,
     add_scaled_noise_,
     mix32,
     noise_reference,
     param_key,
+    rounding_reference,
     stream_key,
     zo_noise,
 )
@@ -47,6 +50,69 @@ def small_chunks(monkeypatch):
     monkeypatch.setitem(noise.CHUNK_ELEMS, "cpu", 1024)
 
 
+@pytest.fixture(params=["pytorch", "kernel"])
+def backend(request, monkeypatch):
+    """Run a test on the pure-PyTorch path (extension disabled) and on the compiled CPU kernel (if built)."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(noise, "cpu_noise_ext", lambda: None)
+    elif cpu_noise_ext() is None:
+        pytest.skip("the CPU noise kernel is not built here")
+    return request.param
+
+
+# ----- an independent reading of the definition in zqat_peft/noise.py's docstring (Python ints, struct)
+
+_U32 = 0xFFFFFFFF
+
+
+def _lowbias32(x: int) -> int:
+    x &= _U32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _U32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _z_by_definition(seed: int, key: int, i: int) -> float:
+    k = _lowbias32(_lowbias32(seed % 2**32) ^ (key % 2**32))
+    h1, h2 = _lowbias32(k ^ _lowbias32(i)), _lowbias32(k ^ _lowbias32(i | 2**31))
+    s = sum((h >> shift) & 0xFFFF for h in (h1, h2) for shift in (0, 16))
+    c = struct.unpack("<f", struct.pack("<I", 0x37DDB3D7))[0]
+    return _float32((s - 131070) * c)  # an 18-bit by 24-bit product is exact in a double: one rounding
+
+
+def _u_by_definition(seed: int, key: int, i: int) -> float:
+    k = _lowbias32(_lowbias32(seed % 2**32) ^ (key % 2**32))
+    kr = _lowbias32(k ^ 0x9E3779B9)
+    return (_lowbias32(kr ^ _lowbias32(i)) >> 16) / 65536
+
+
+def _bf16_neighbours(x: float) -> tuple[float, float]:
+    """The bfloat16 values around a finite float32 x: bfloat16 is float32 with the low 16 bits zero."""
+    bits = _bits(x)
+    toward_zero = struct.unpack("<f", struct.pack("<I", bits & 0xFFFF0000))[0]
+    away = struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF0000) + 0x10000))[0]
+    return (min(toward_zero, away), max(toward_zero, away))
+
+
+def test_noise_matches_an_independent_reading_of_the_definition():
+    rng = random.Random(1)
+    cases = [(seed, key, index) for seed, key, index, _ in PINNED]
+    cases += [(rng.randrange(2**32), rng.randrange(2**32), rng.randrange(2**31)) for _ in range(200)]
+    for seed, key, index in cases:
+        expected = _z_by_definition(seed, key, index)
+        assert _bits(zo_noise(seed, key, (1,), offset=index).item()) == _bits(expected), (seed, key, index)
+    for seed, key, index, bits in PINNED:
+        assert _bits(_z_by_definition(seed, key, index)) == bits
+    for seed, key, index in cases[:50]:
+        assert rounding_reference(seed, key, index) == _u_by_definition(seed, key, index)
+
+
 def test_constants_and_keys():
     assert _bits(NOISE_SCALE) == 0x37DDB3D7
     assert abs(NOISE_SCALE**2 * (2**32 - 1) / 3 - 1) < 1e-7
@@ -72,7 +138,7 @@ def test_tensor_matches_scalar_definition(small_chunks):
         assert _bits(z[local].item()) == _bits(noise_reference(seed, key, 3000 + local))
 
 
-def test_determinism():
+def test_determinism(backend):
     a = zo_noise(7, 11, (300, 200))
     b = zo_noise(7, 11, (300, 200))
     assert a.shape == (300, 200) and a.dtype == torch.float32
@@ -89,11 +155,13 @@ def test_offsets_concatenate(small_chunks):
     assert _same_bits(torch.cat(parts), whole)
 
 
-def test_chunking_does_not_change_values(monkeypatch):
+def test_chunking_does_not_change_values(monkeypatch, backend):
     seed, key, n = 5, 6, 40_000
+    ref = torch.tensor([_z_by_definition(seed, key, i) for i in range(0, n, 997)])
+    assert _same_bits(zo_noise(seed, key, n)[::997].contiguous(), ref)
     ref = zo_noise(seed, key, n)
     p = torch.randn(n)
-    ref_p = add_scaled_noise(p, seed, key, 0.25)
+    ref_p = p + ref * noise._f32(0.25)  # two float32 roundings, as defined
     for chunk in (512, 8192, 1 << 16):
         monkeypatch.setitem(noise.CHUNK_ELEMS, "cpu", chunk)
         assert _same_bits(zo_noise(seed, key, n), ref)
@@ -134,7 +202,7 @@ def test_seeds_and_keys_uncorrelated():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_scaled_addition(dtype, small_chunks):
+def test_scaled_addition(dtype, small_chunks, backend):
     seed, key, scale = 42, param_key("layer.weight"), -3.7e-3
     p = (torch.randn(37, 129) * 0.02).to(dtype)
     z = zo_noise(seed, key, p.shape)
@@ -159,7 +227,7 @@ def test_bf16_perturbation_follows_noise():
     assert _corr(diff.view(-1), z.view(-1)) > 0.99
 
 
-def test_non_contiguous_and_parameters(small_chunks):
+def test_non_contiguous_and_parameters(small_chunks, backend):
     base = torch.randn(40, 90)
     p = base.t()  # non-contiguous; noise follows the logical row-major order
     expected = p.contiguous() + zo_noise(8, 9, p.shape) * noise._f32(0.1)
@@ -187,3 +255,72 @@ def test_zero_scale_and_errors():
         add_scaled_noise(torch.ones(3, dtype=torch.int64), 1, 2, 1.0)
     assert zo_noise(1, 2, (0, 5)).shape == (0, 5)
     assert zo_noise(1, 2, 4, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+class RecordingKernel:
+    """A stand-in for the compiled CPU kernel: records each call, then computes as the kernel does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_scaled_noise(self, src, dst, seed, key, scale):
+        self.calls.append(src.dtype)
+        dst.copy_(src + zo_noise(seed, key, src.shape) * noise._f32(scale))
+
+
+def test_kernel_dispatch_float32_through_the_kernel_half_precision_updates_never(monkeypatch):
+    kernel = RecordingKernel()
+    monkeypatch.setattr(noise, "cpu_noise_ext", lambda: kernel)
+    add_scaled_noise_(torch.zeros(64), 1, 2, 0.5)
+    add_noise_update_(torch.zeros(64), 2, [(1, 0.5), (3, 0.25)], decay=0.9)
+    assert kernel.calls == [torch.float32] * 3
+    for dtype in (torch.bfloat16, torch.float16):  # rounded stochastically, in PyTorch, never to nearest
+        add_noise_update_(torch.zeros(64, dtype=dtype), 2, [(1, 0.5)], decay=0.9)
+    assert kernel.calls == [torch.float32] * 3
+
+
+def test_half_precision_update_matches_the_definition(small_chunks):
+    """bfloat16, element by element in Python: x = float32(float32(p) * decay); x = float32(x + float32(s z))
+    per term; then lo or hi by the rounding stream of (rounding seed, key)."""
+    key, terms, decay, rounding_seed = param_key("w"), [(11, -3e-4), (12, 2e-4)], 1 - 1e-3, 11
+    p = (torch.randn(3000, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
+    p[:3] = torch.tensor([0.0, 1.0, -2.5])
+    out = add_noise_update_(p.clone(), key, terms, decay, rounding_seed)
+    for i in list(range(0, 3000, 7)) + [1023, 1024, 2047, 2048]:
+        x = _float32(p[i].item() * _float32(decay))
+        for seed, scale in terms:
+            x = _float32(x + _float32(_float32(scale) * _z_by_definition(seed, key, i)))
+        lo, hi = _bf16_neighbours(x)
+        expected = x if lo == x or hi == x else (hi if x - lo > _u_by_definition(rounding_seed, key, i) * (hi - lo) else lo)
+        assert out[i].item() == expected, i
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_update_far_below_an_ulp_is_kept_on_average(dtype):
+    """Around 1.0 an update of 5e-5 * z (|z| < 3.47) is below half the spacing (bfloat16: 2**-8 below 1,
+    float16: 2**-11): rounded to nearest it vanishes; rounded stochastically, the mean change along z is the update."""
+    n, scale = 1 << 20, 5e-5
+    p = torch.ones(n, dtype=dtype)
+    add_noise_update_(p, 5, [(9, scale)], rounding_seed=9)
+    z = zo_noise(9, 5, n).double()
+    step = (p.double() - 1) @ z / (z @ z)
+    assert abs(step - scale) < 0.05 * scale, step
+    assert (p != 1).float().mean() > 0.002  # a few weights moved by a whole step
+    q = torch.ones(n, dtype=dtype)
+    add_scaled_noise_(q, 9, 5, scale)  # the perturbation's rounding to nearest loses it all
+    assert torch.equal(q, torch.ones(n, dtype=dtype))
+
+
+def test_half_precision_update_is_chunk_invariant_and_handles_edges(monkeypatch):
+    p = (torch.randn(5000) * 0.02).to(torch.bfloat16)
+    p[:4] = torch.tensor([float("inf"), float("nan"), 3.38e38, -0.0])
+    ref = add_noise_update_(p.clone(), 3, [(4, 1e-3)], 0.99, 4)
+    for chunk in (512, 4096):
+        monkeypatch.setitem(noise.CHUNK_ELEMS, "cpu", chunk)
+        assert _same_bits(add_noise_update_(p.clone(), 3, [(4, 1e-3)], 0.99, 4), ref)
+    assert ref[0].item() == float("inf") and math.isnan(ref[1].item()) and math.isfinite(ref[2].item())
+    t = p.clone().view(50, 100).t()  # non-contiguous: row-major order of the logical tensor
+    add_noise_update_(t, 3, [(4, 1e-3)], 0.99, 4)
+    assert _same_bits(t.contiguous().view(-1), add_noise_update_(p.view(50, 100).t().contiguous(), 3, [(4, 1e-3)], 0.99, 4).view(-1))
+    with pytest.raises(ValueError, match="finite"):
+        add_noise_update_(p.clone(), 3, [(4, float("nan"))])

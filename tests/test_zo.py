@@ -13,7 +13,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from zqat_peft import ZeroQATConfig, ZOTrainer, ZOTrainingArguments, replay_trajectory
-from zqat_peft.zo import ZODivergenceError, perturbed, spsa_losses, zo_parameters
+from zqat_peft.zo import ZODivergenceError, Trajectory, perturbed, spsa_losses, zo_parameters
 from zqat_peft.noise import zo_noise
 
 from .conftest import tiny_batch, tiny_model
@@ -191,19 +191,25 @@ def _quadratic_through_module(model: nn.Linear, a, b):
 # ----- ZOTrainer ----------------------------------------------------------------------------------
 
 
-def test_training_lowers_the_loss_of_a_repeated_batch(tmp_path):
-    """ZO progress per step shrinks with the number of trained weights (and grows with a low-rank
-    loss landscape), so this uses a 10K-weight LLaMA and a batch with one dominant direction."""
+def one_direction_llama(dtype: torch.dtype = torch.float32):
+    """A 10K-weight LLaMA (master weights in `dtype`) and a batch with one dominant direction: ZO progress
+    per step shrinks with the number of trained weights and grows with a low-rank loss landscape."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=64,
     )
-    base = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model = get_peft_model(base, ZeroQATConfig(w_bits=4, group_size=32, trainable="full"))
+    base = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    # peft upcasts adapter weights to float32 unless told not to
+    model = get_peft_model(base, ZeroQATConfig(w_bits=4, group_size=32, trainable="full"), autocast_adapter_dtype=False)
     data = RepeatedBatch(n=4, seq=16)
     data.batch = {"input_ids": torch.full((4, 16), 7), "attention_mask": torch.ones(4, 16, dtype=torch.long),
                   "labels": torch.full((4, 16), 7)}
+    return model, data
+
+
+def test_training_lowers_the_loss_of_a_repeated_batch(tmp_path):
+    model, data = one_direction_llama()
     start = batch_loss(model, data.batch)
     trainer = ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=100, learning_rate=1e-3), train_dataset=data)
     trainer.train()
@@ -213,26 +219,21 @@ def test_training_lowers_the_loss_of_a_repeated_batch(tmp_path):
 
 
 def test_no_autograd_graph_is_built(tmp_path):
-    seen = []
-
-    class Spy(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            seen.append(torch.is_grad_enabled())
-
     model = zqat_llama("full")
-    losses = []
+    grad_enabled, losses = [], []
     orig = model.forward
 
     def forward(*a, **kw):
+        grad_enabled.append(torch.is_grad_enabled())
         out = orig(*a, **kw)
         losses.append(out.loss)
         return out
 
     model.forward = forward
-    trainer = ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=3), train_dataset=RepeatedBatch(),
-                        callbacks=[Spy()])
+    trainer = ZOTrainer(model=model, args=zo_args(tmp_path, max_steps=3), train_dataset=RepeatedBatch())
     trainer.train()
-    assert losses and all(l.grad_fn is None and not l.requires_grad for l in losses)
+    assert grad_enabled == [False] * 6  # two forwards per step, each without autograd
+    assert all(l.grad_fn is None and not l.requires_grad for l in losses)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -388,9 +389,271 @@ def test_two_processes_end_with_bit_identical_weights(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(x0, x1)), "both processes saw the same batches"
     start = trained_state(zqat_llama("lightweight"))
     assert any(not torch.equal(w0[n], start[n]) for n in w0)
+    # The all-reduced step is the one-process step on the two ranks' batches together: at every step's
+    # starting weights, one process's projected gradient on the doubled batch equals the recorded one.
+    trajectory = Trajectory.from_state_dict(torch.load(tmp_path / "trajectory-rank0.pt"))
+    model = zqat_llama("lightweight")
+    params = zo_parameters(model)
+    for step, (a, b) in enumerate(zip(x0, x1)):
+        ids = torch.cat([a, b])
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        (seed,), (recorded,) = trajectory.seeds[step], trajectory.grads[step]
+        loss_pos, loss_neg = spsa_losses(params, lambda: model(**batch).loss, seed, trajectory.eps)
+        one_process = (loss_pos.double() - loss_neg.double()).item() / (2 * trajectory.eps)
+        assert recorded != 0 and abs(one_process - recorded) <= 1e-3 * abs(recorded), (step, one_process, recorded)
+        replay_trajectory(model, Trajectory(**{**trajectory.state_dict(), **_one_step(trajectory, step)}))
+
+
+def _one_step(trajectory: Trajectory, step: int) -> dict:
+    """The fields of `trajectory` that hold per-step records, cut to step `step` alone."""
+    return {k: getattr(trajectory, k)[step : step + 1] for k in ("seeds", "grads", "lrs", "weight_decays")}
 
 
 def test_uncalibrated_model_is_refused(tmp_path):
     model = get_peft_model(tiny_model("llama"), ZeroQATConfig(init="calibrate"))
     with pytest.raises(ValueError, match="not calibrated"):
         ZOTrainer(model=model, args=zo_args(tmp_path), train_dataset=RepeatedBatch())
+
+
+# ----- half-precision master weights -------------------------------------------------------------
+
+
+def test_bf16_master_weights_learn_at_a_recipe_learning_rate(tmp_path):
+    """At lr 1e-6 (the 7B recipes') lr * g * z is below half a bf16 ulp of most weights: rounded to nearest,
+    most of every update is lost (the loss falls 0.004 in these 300 steps; float32 masters: 0.018).
+    Rounded stochastically, bf16 masters learn as float32 masters do on average, and replay bit for bit."""
+    model, data = one_direction_llama(torch.bfloat16)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    start = batch_loss(model, data.batch)
+    args = zo_args(tmp_path, max_steps=300, learning_rate=1e-6, save_strategy="steps", save_steps=300)
+    ZOTrainer(model=model, args=args, train_dataset=data).train()
+    assert start - batch_loss(model, data.batch) > 0.01
+    replayed = replay_trajectory(one_direction_llama(torch.bfloat16)[0], tmp_path / "checkpoint-300")
+    expected, got = trained_state(model), trained_state(replayed)
+    assert all(got[n].dtype == torch.bfloat16 and torch.equal(expected[n], got[n]) for n in expected)
+
+
+# ----- what the perturbed forwards compute ---------------------------------------------------------
+
+
+def test_zo_forwards_build_no_kv_cache(tmp_path):
+    """Trainer sets the model's config.use_cache to args.use_cache (False by default), but with
+    use_cache=True, or a config changed later, a ZO forward must still build no cache: it never reuses one."""
+    model = zqat_llama("lightweight")
+    caches = []
+    orig = model.forward
+
+    def forward(*a, **kw):
+        out = orig(*a, **kw)
+        caches.append(out.past_key_values)
+        return out
+
+    model.forward = forward
+    ZOTrainer(model=model, args=zo_args(tmp_path / "a", max_steps=2, use_cache=True), train_dataset=RepeatedBatch()).train()
+    assert model.config.use_cache and caches == [None] * 4
+
+    class NoCacheArgument(nn.Module):  # a forward without use_cache is called without it
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(256, 8), nn.Linear(8, 256)
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            logits = self.head(self.embed(input_ids))
+            return {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+    plain = NoCacheArgument()
+    before = trained_state(plain)
+    ZOTrainer(model=plain, args=zo_args(tmp_path / "b", max_steps=2), train_dataset=RepeatedBatch()).train()
+    assert any(not torch.equal(before[n], p) for n, p in trained_state(plain).items())
+
+
+def test_loss_difference_is_taken_after_upcasting(tmp_path):
+    """bf16 losses 1 + 2**-7 and 2**-9 are exact in bf16, but their difference needs 9 significant bits,
+    one more than bf16 has: subtracted in bf16 it is rounded."""
+    high, low = 1.0 + 2.0**-7, 2.0**-9
+    losses = iter([high, low])
+
+    def bf16_loss(outputs, labels, num_items_in_batch=None):
+        return torch.tensor(next(losses), dtype=torch.bfloat16)
+
+    trainer = ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path, max_steps=1), train_dataset=RepeatedBatch(),
+                        compute_loss_func=bf16_loss)
+    trainer.train()
+    assert trainer.zo_optimizer.trajectory.grads == [[(high - low) / (2 * 1e-3)]]
+
+
+# ----- weight decay --------------------------------------------------------------------------------
+
+
+def _constant_loss(outputs, labels, num_items_in_batch=None):
+    """g is exactly 0 at every step: only weight decay can move a parameter."""
+    return outputs.logits.sum() * 0 + 1.0
+
+
+def test_weight_decay_spares_quantization_parameters_biases_and_norms(tmp_path):
+    lr, wd, steps = 1e-2, 0.5, 2
+    scales = zqat_llama("scales")
+    start = trained_state(scales)
+    ZOTrainer(model=scales, args=zo_args(tmp_path / "a", max_steps=steps, learning_rate=lr, weight_decay=wd),
+              train_dataset=RepeatedBatch(), compute_loss_func=_constant_loss).train()
+    after = trained_state(scales)
+    assert all(torch.equal(start[n], after[n]) for n in start)  # quantization scales never decay
+
+    opt = tiny_model("opt")  # every parameter trainable: weights, biases, layer norms
+    start = trained_state(opt)
+    ZOTrainer(model=opt, args=zo_args(tmp_path / "b", max_steps=steps, learning_rate=lr, weight_decay=wd),
+              train_dataset=RepeatedBatch(), compute_loss_func=_constant_loss).train()
+    after = trained_state(opt)
+    norms = {f"{name}.{p}" for name, m in opt.named_modules() if isinstance(m, nn.LayerNorm) for p in ("weight", "bias")}
+    spared = {n for n in start if n.endswith(".bias") or n in norms}
+    assert spared and len(spared) < len(start)
+    for n in start:
+        expected = start[n] if n in spared else start[n] * (1 - lr * wd) * (1 - lr * wd)
+        assert torch.equal(after[n], expected), n
+
+
+def test_weight_decay_replays_bit_for_bit_across_a_skipped_step(tmp_path):
+    model = zqat_llama("full")
+    passes = []
+    orig = model.forward
+
+    def forward(*a, **kw):  # the second step's two passes give NaN: that step is skipped
+        out = orig(*a, **kw)
+        passes.append(None)
+        if len(passes) in (3, 4):
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = forward
+    args = zo_args(tmp_path, max_steps=4, weight_decay=0.1, save_strategy="steps", save_steps=4)
+    trainer = ZOTrainer(model=model, args=args, train_dataset=RepeatedBatch())
+    with pytest.warns(UserWarning, match="NaN/inf"):
+        trainer.train()
+    trajectory = trainer.zo_optimizer.trajectory
+    assert trajectory.grads[1] == [0.0] and trajectory.weight_decays == [0.1, 0.0, 0.1, 0.1]
+    replayed = replay_trajectory(zqat_llama("full"), tmp_path / "checkpoint-4")
+    expected, got = trained_state(model), trained_state(replayed)
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+
+
+# ----- the projected gradient ----------------------------------------------------------------------
+
+
+def test_zo_grad_clip_bounds_the_projected_gradient(tmp_path):
+    free = ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path / "a", max_steps=1), train_dataset=RepeatedBatch())
+    free.train()
+    ((g,),) = free.zo_optimizer.trajectory.grads
+    clip = abs(g) / 2
+    clipped = ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path / "b", max_steps=3, zo_grad_clip=clip),
+                        train_dataset=RepeatedBatch())
+    clipped.train()
+    grads = [q for step in clipped.zo_optimizer.trajectory.grads for q in step]
+    assert grads[0] == math.copysign(clip, g)
+    assert all(abs(q) <= clip for q in grads)
+
+
+# ----- resume and replay ---------------------------------------------------------------------------
+
+
+def test_resume_with_accumulation_and_several_queries_is_bit_exact(tmp_path):
+    data = RepeatedBatch()
+    kw = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, zo_num_queries=2)
+    full = zqat_llama("lightweight")
+    ZOTrainer(model=full, args=zo_args(tmp_path / "a", **kw), train_dataset=data).train()
+    args = zo_args(tmp_path / "b", save_strategy="steps", save_steps=2, **kw)
+    ZOTrainer(model=zqat_llama("lightweight"), args=args, train_dataset=data).train()
+    resumed = zqat_llama("lightweight")
+    ZOTrainer(model=resumed, args=args, train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    expected, got = trained_state(full), trained_state(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
+    start = trained_state(zqat_llama("lightweight"))
+    assert all(not torch.equal(start[n], got[n]) for n in start)
+    replayed = trained_state(replay_trajectory(zqat_llama("lightweight"), tmp_path / "b" / "checkpoint-4"))
+    assert all(torch.equal(expected[n], replayed[n]) for n in expected)
+
+
+@pytest.mark.parametrize("change,setting", [({"zo_eps": 2e-3}, "zo_eps"), ({"zo_num_queries": 2}, "zo_num_queries"),
+                                            ({"seed": 1}, "seed")])
+def test_resume_with_changed_zo_settings_is_refused(tmp_path, change, setting):
+    data = RepeatedBatch()
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path, **kw), train_dataset=data).train()
+    trainer = ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path, **kw, **change), train_dataset=data)
+    with pytest.raises(ValueError, match=setting):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_resume_and_replay_errors(tmp_path, monkeypatch):
+    from zqat_peft.zo import ZOOptimizer
+
+    args = zo_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = ZOTrainer(model=zqat_llama("scales"), args=args, train_dataset=RepeatedBatch())
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    with pytest.raises(ValueError, match="differ"):  # other trainable parameters
+        replay_trajectory(zqat_llama("full"), checkpoint)
+    with pytest.raises(ValueError, match="2 recorded steps"):
+        replay_trajectory(zqat_llama("scales"), checkpoint, steps=3)
+    with pytest.raises(FileNotFoundError, match="zo_trajectory"):
+        replay_trajectory(zqat_llama("scales"), tmp_path / "nothing-here")
+    monkeypatch.setattr("zqat_peft.zo.trajectory.NOISE_VERSION", "zqat-noise-v0")
+    trainer.zo_optimizer.trajectory.save(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="zqat-noise-v0"):
+        replay_trajectory(zqat_llama("scales"), tmp_path)
+    optimizer = ZOOptimizer(zo_parameters(zqat_llama("scales")), lr=1e-3)
+    with pytest.raises(ValueError, match="not written by ZOOptimizer"):
+        optimizer.load_state_dict(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0).state_dict())
+    other = ZOOptimizer(zo_parameters(zqat_llama("full")), lr=1e-3)
+    with pytest.raises(ValueError, match="different trainable parameters"):
+        other.load_state_dict(trainer.zo_optimizer.state_dict())
+
+
+# ----- refused models and options ------------------------------------------------------------------
+
+
+def test_trainer_without_arguments_uses_default_zo_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = ZOTrainer(model=zqat_llama("scales"), train_dataset=RepeatedBatch())
+    assert isinstance(trainer.args, ZOTrainingArguments) and trainer.args.output_dir == "tmp_trainer"
+    trainer.create_optimizer()
+    assert trainer.zo_optimizer.eps == ZOTrainingArguments.zo_eps
+
+
+@pytest.mark.parametrize("option", [{"optim": "sgd"}, {"optim_args": "momentum=0.9"}, {"adam_beta1": 0.5},
+                                    {"adam_beta2": 0.9}, {"adam_epsilon": 1e-6}, {"optim_target_modules": ["q_proj"]}])
+def test_optimizer_options_are_refused(tmp_path, option):
+    (name,) = option
+    with pytest.raises(ValueError, match=name):
+        zo_args(tmp_path, **option)
+
+
+def test_optimizer_cls_and_kwargs_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path), train_dataset=RepeatedBatch(),
+                  optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1e-3}))
+
+
+def test_cpu_offloaded_model_is_refused(tmp_path):
+    """accelerate's offload hooks load each weight from their own copy before the forward, over the
+    perturbed one: both passes would see the same weights and g would always be 0."""
+    from accelerate import cpu_offload
+
+    model = cpu_offload(zqat_llama("full"), execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="offloaded"):
+        zo_parameters(model)
+    with pytest.raises(ValueError, match="offloaded"):
+        ZOTrainer(model=model, args=zo_args(tmp_path), train_dataset=RepeatedBatch())
+
+
+@pytest.mark.parametrize("flag", ["is_deepspeed_enabled", "is_fsdp_enabled"])
+def test_deepspeed_and_fsdp_are_refused(tmp_path, monkeypatch, flag):
+    create = ZOTrainer.create_accelerator_and_postprocess
+
+    def create_with_sharding(self):
+        create(self)
+        setattr(self, flag, True)
+
+    monkeypatch.setattr(ZOTrainer, "create_accelerator_and_postprocess", create_with_sharding)
+    with pytest.raises(ValueError, match="DeepSpeed and FSDP"):
+        ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path), train_dataset=RepeatedBatch())

@@ -35,3 +35,4 @@ torch.save(seen, out / f"inputs-rank{args.process_index}.pt")
 state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 torch.save(state, out / f"weights-rank{args.process_index}.pt")
 torch.save(trainer.zo_optimizer.trajectory.grads, out / f"grads-rank{args.process_index}.pt")
+torch.save(trainer.zo_optimizer.trajectory.state_dict(), out / f"trajectory-rank{args.process_index}.pt")

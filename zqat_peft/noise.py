@@ -54,6 +54,29 @@ Two separately rounded operations, never a fused multiply-add (a CUDA kernel mus
 ``__fmul_rn`` / ``__fadd_rn`` or ``-fmad=false``). A scale of exactly 0 leaves p unchanged.
 ``zo_noise(..., dtype=d)`` forms the float32 z first and converts it to ``d`` afterwards.
 
+Update of half-precision parameters (``add_noise_update_``)
+-----------------------------------------------------------
+A ZO step moves a weight by lr * g * z, often far less than half a bfloat16 ulp of the weight: rounded to
+nearest, the update would vanish. A step's update of a parameter, ``p' = decay * p + sum_j s_j * z(seed_j, key)``,
+is therefore formed in float32, in this order::
+
+    x = float32(p);  x = float32(x * float32(decay));  then for each term j:  x = float32(x + float32(s_j * z_j))
+
+float32 and float64 parameters take the same operations directly (``p.mul_(decay)``, then
+``add_scaled_noise_`` per term). bfloat16 and float16 parameters are written once, rounded
+stochastically from x with the bits of a second stream of the step, the rounding stream of
+(``rounding_seed``, key): with ``k = stream_key(rounding_seed, key)``::
+
+    kr = mix32(k ^ 0x9e3779b9)                          # distinct from every noise stream key k
+    u  = (mix32(kr ^ mix32(i)) >> 16) * 2**-16          # element i: uniform on {0, 1/65536, ..., 65535/65536}
+    x representable in the dtype:  p' = x
+    otherwise, lo < x < hi the two adjacent values of the dtype:  p' = hi if x - lo > u * (hi - lo) else lo
+
+``x - lo`` and ``u * (hi - lo)`` are exact in float32, so every device rounds alike, and
+P(p' = hi) = (x - lo) / (hi - lo) exactly whenever that ratio is a multiple of 2**-16 (always for
+bfloat16; for float16 except in its subnormal range): E[p'] = x. A non-finite x, or one beyond the
+dtype's largest finite value, is rounded to nearest (a plain cast).
+
 Test vectors (k, h1, h2 and z's float32 bits in hex; mix32(1) = 0x688990c0)::
 
     seed        key         index        k           h1          h2          z bits      z
@@ -108,11 +131,13 @@ __all__ = [
     "NOISE_SCALE",
     "NOISE_VERSION",
     "WeightNoise",
+    "add_noise_update_",
     "add_scaled_noise",
     "add_scaled_noise_",
     "mix32",
     "noise_reference",
     "param_key",
+    "rounding_reference",
     "stream_key",
     "zo_noise",
 ]
@@ -144,6 +169,8 @@ _C2_INT64 = _C2 - (1 << 32)  # same residue mod 2**32; |x * _C2_INT64| < 2**63 f
 _BIT31 = 0x80000000
 _MAX_INDEX = 1 << 31  # element indices must lie in [0, 2**31)
 _CENTER = 131070  # E[S] = 4 * 65535 / 2
+_ROUNDING_STREAM = 0x9E3779B9  # kr = mix32(k ^ _ROUNDING_STREAM): the rounding stream of a noise stream k
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _f32(x: float) -> float:
@@ -197,6 +224,14 @@ def noise_reference(seed: int, key: int, index: int) -> float:
     h2 = mix32(k ^ mix32(index | _BIT31))
     s = (h1 & _M16) + (h1 >> 16) + (h2 & _M16) + (h2 >> 16)
     return _f32(float(s - _CENTER) * NOISE_SCALE)
+
+
+def rounding_reference(seed: int, key: int, index: int) -> float:
+    """u for one element of the rounding stream of (seed, key), straight from the definition."""
+    if not 0 <= index < _MAX_INDEX:
+        raise ValueError(f"index must be in [0, 2**31), got {index}")
+    kr = mix32(stream_key(seed, key) ^ _ROUNDING_STREAM)
+    return (mix32(kr ^ mix32(index)) >> 16) / 65536.0
 
 
 # ----------------------------------------------------------------------------- tensor implementation
@@ -261,6 +296,12 @@ def _workspace(device: torch.device) -> _Workspace:
     if ws is None or ws.chunk != chunk:
         ws = cache[slot] = _Workspace(device, chunk)
     return ws
+
+
+def _fold(seed: int, key: int) -> int:
+    """k ^ (k >> 16) of the stream (seed, key): what _fill_noise xors in (see the implementation notes)."""
+    k = stream_key(seed, key)
+    return k ^ (k >> 16)
 
 
 def _mul_mod32(x: Tensor, c: int) -> None:
@@ -347,8 +388,7 @@ def zo_noise(
     device = torch.device(device) if device is not None else torch.get_default_device()
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel:
-        k = stream_key(seed, key)
-        kfold = k ^ (k >> 16)
+        kfold = _fold(seed, key)
         ws = _workspace(device)
         for pos, g, n in _chunks(offset, numel, ws.chunk):
             _fill_noise(ws, kfold, g, n, out[pos : pos + n])
@@ -378,8 +418,7 @@ def _apply(src: Tensor, dst: Tensor, seed: int, key: int, scale: float) -> None:
             # the kernel rounds scale to float32 itself (as _scale32 does); it copies only for exactly 0
             ext.add_scaled_noise(src, dst, seed & _M32, key & _M32, float(scale))
             return
-    k = stream_key(seed, key)
-    kfold = k ^ (k >> 16)
+    kfold = _fold(seed, key)
     ws = _workspace(src.device)
     for pos, g, n in _chunks(0, numel, ws.chunk):
         z = _fill_noise(ws, kfold, g, n)
@@ -426,4 +465,80 @@ def add_scaled_noise_(param: Tensor, seed: int, key: int, scale: float) -> Tenso
         _apply(flat, flat, seed, key, scale)
     else:
         param.copy_(add_scaled_noise(param, seed, key, scale))
+    return param
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def _mix32_(x: Tensor) -> Tensor:
+    """lowbias32 in place on an int64 tensor of values in [0, 2**32)."""
+    x.bitwise_xor_(x >> 16)
+    _mul_mod32(x, _C1)
+    x.bitwise_xor_(x >> 15)
+    _mul_mod32(x, _C2_INT64)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _rounding_uniform(kr: int, start: int, n: int, device: torch.device) -> Tensor:
+    """u of elements start .. start + n - 1 of the rounding stream kr: float32, multiples of 2**-16 in [0, 1)."""
+    words = _mix32_(_mix32_(torch.arange(start, start + n, dtype=torch.int64, device=device)).bitwise_xor_(kr))
+    return (words >> 16).to(torch.float32).mul_(2.0**-16)
+
+
+def _round_stochastic(x: Tensor, u: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 x rounded to `dtype`: up with probability (x - lo) / (hi - lo), i.e. when x - lo > u (hi - lo)."""
+    nearest = x.to(dtype)
+    nearest32 = nearest.to(torch.float32)
+    toward = torch.where(nearest32 < x, math.inf, -math.inf).to(dtype)
+    other = torch.nextafter(nearest, toward).to(torch.float32)  # the neighbour on x's other side
+    lo, hi = torch.minimum(nearest32, other), torch.maximum(nearest32, other)
+    rounded = torch.where(x - lo > u * (hi - lo), hi, lo)  # x == nearest: lo < hi == x, always taken
+    return torch.where(torch.isfinite(rounded) & torch.isfinite(nearest32), rounded, nearest32).to(dtype)
+
+
+def _update_half_(flat: Tensor, key: int, terms: Sequence[tuple[int, float]], decay: float, rounding_seed: int) -> None:
+    """The update of a contiguous flat bfloat16/float16 tensor, chunk by chunk (see the module docstring)."""
+    folds = [(_fold(seed, key), _scale32(scale)) for seed, scale in terms]
+    kr = mix32(stream_key(rounding_seed, key) ^ _ROUNDING_STREAM)
+    ws = _workspace(flat.device)
+    for pos, g, n in _chunks(0, flat.numel(), ws.chunk):
+        part = flat[pos : pos + n]
+        x = part.to(torch.float32)
+        if decay != 1.0:
+            x.mul_(decay)
+        for kfold, s in folds:
+            x.add_(_fill_noise(ws, kfold, g, n).mul_(s))  # t = float32(s * z), then its own addition
+        part.copy_(_round_stochastic(x, _rounding_uniform(kr, g, n, flat.device), flat.dtype))
+
+
+@torch.no_grad()
+def add_noise_update_(
+    param: Tensor, key: int, terms: Sequence[tuple[int, float]], decay: float = 1.0, rounding_seed: int = 0
+) -> Tensor:
+    """param <- decay * param + sum of scale * z(seed, key) over the (seed, scale) terms, in place; returns param.
+
+    float32/float64 params: ``param.mul_(decay)`` then ``add_scaled_noise_`` per term (each rounded to
+    nearest). bfloat16/float16 params: the same operations in float32, rounded stochastically once with
+    the rounding stream of (rounding_seed, key), so that updates far below the dtype's ulp still move
+    the weight on average; always in PyTorch (the compiled kernels round to nearest).
+    """
+    _check_param(param)
+    decay = float(decay)
+    if not math.isfinite(decay):
+        raise ValueError(f"decay must be finite, got {decay}")
+    terms = [(seed, scale) for seed, scale in terms if float(scale) != 0.0]
+    if not terms and decay == 1.0:
+        return param
+    if param.dtype not in _HALF_DTYPES:
+        if decay != 1.0:
+            param.detach().mul_(decay)
+        for seed, scale in terms:
+            add_scaled_noise_(param, seed, key, scale)
+        return param
+    flat = param.detach().reshape(-1) if param.is_contiguous() else param.detach().contiguous().view(-1)
+    _check_range(0, flat.numel())
+    _update_half_(flat, key, terms, decay, rounding_seed)
+    if not param.is_contiguous():
+        param.detach().copy_(flat.view(param.shape))
     return param

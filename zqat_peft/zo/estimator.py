@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..noise import add_scaled_noise_
+from ..noise import add_noise_update_
 from .perturbation import ZOParameter, perturbed
 
 
@@ -41,6 +41,11 @@ def projected_gradient(loss_diff: float, eps: float, clip: Optional[float] = Non
     return g
 
 
+def loss_difference(loss_pos: torch.Tensor, loss_neg: torch.Tensor) -> torch.Tensor:
+    """L+ - L- in float64: each loss is upcast first, so a low-precision loss's difference is not rounded again."""
+    return loss_pos.detach().double() - loss_neg.detach().double()
+
+
 @torch.no_grad()
 def zo_update(
     params: list[ZOParameter],
@@ -49,10 +54,12 @@ def zo_update(
     lr: float,
     weight_decay: float = 0.0,
 ) -> None:
-    """p <- p (1 - lr wd) - lr * mean_i(g_i z_i). Deterministic: replaying it gives the same bits."""
-    scales = [(-lr * g / len(seeds), seed) for seed, g in zip(seeds, grads) if g != 0.0]
+    """p <- p (1 - lr wd) - lr * mean_i(g_i z_i) for every p in params (the caller decides which decay).
+
+    Deterministic: replaying it gives the same bits. bfloat16/float16 parameters are rounded
+    stochastically, with bits drawn from the step's first seed (``add_noise_update_``).
+    """
+    terms = [(seed, -lr * g / len(seeds)) for seed, g in zip(seeds, grads) if g != 0.0]
+    decay = 1.0 - lr * weight_decay
     for p in params:
-        if weight_decay:
-            p.param.mul_(1.0 - lr * weight_decay)
-        for scale, seed in scales:
-            add_scaled_noise_(p.param, seed, p.key, scale)
+        add_noise_update_(p.param, p.key, terms, decay, rounding_seed=seeds[0])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,9 @@ class ZODivergenceError(RuntimeError):
 
 
 class ZOOptimizer(torch.optim.Optimizer):
+    """Seeded SPSA updates. Weight decay applies to the parameters named in `decay_names` only (ZOTrainer
+    passes its `get_decay_parameter_names`); they form the first param group, the rest the second."""
+
     def __init__(
         self,
         params: list[ZOParameter],
@@ -40,19 +43,31 @@ class ZOOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
         max_nonfinite_steps: int = 10,
+        decay_names: Optional[Collection[str]] = None,
     ) -> None:
         if eps <= 0:
             raise ValueError(f"zo_eps must be positive, got {eps}.")
         if num_queries < 1:
             raise ValueError(f"zo_num_queries must be at least 1, got {num_queries}.")
-        super().__init__([p.param for p in params], {"lr": lr, "weight_decay": weight_decay})
+        if weight_decay and decay_names is None:
+            raise ValueError(
+                f"weight_decay={weight_decay} needs decay_names, the names of the parameters to decay (ZOTrainer "
+                "passes its get_decay_parameter_names(model): no biases, norms or quantization scales)."
+            )
+        decay_names = set(decay_names or ())
+        decayed = [p for p in params if p.name in decay_names]
+        kept = [p for p in params if p.name not in decay_names]
+        self.zo_groups = [group for group in (decayed, kept) if group]
+        groups = [{"params": [p.param for p in group], "weight_decay": weight_decay if group is decayed else 0.0}
+                  for group in self.zo_groups]
+        super().__init__(groups, {"lr": lr, "weight_decay": 0.0})
         self.zo_params = params
         self.eps = eps
         self.num_queries = num_queries
         self.grad_clip = grad_clip
         self.seed = seed
         self.max_nonfinite_steps = max_nonfinite_steps
-        self.trajectory = Trajectory(eps, num_queries, [p.name for p in params])
+        self.trajectory = Trajectory(eps, num_queries, [p.name for p in params], decay_names=[p.name for p in decayed])
         self.nonfinite_in_a_row = 0
         self.last_grads: list[float] = []
         self._reset_window()
@@ -80,17 +95,26 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._reset_window()
         if count == 0:
             raise RuntimeError("ZOOptimizer.step() was called without any accumulated loss difference.")
-        group = self.param_groups[0]
+        lr = self._lr()
         mean_diff = diffs / count
         if not torch.isfinite(mean_diff).all():
-            grads = [0.0] * self.num_queries  # recorded as a no-op so replay stays aligned
+            grads, weight_decay = [0.0] * self.num_queries, 0.0  # recorded as a no-op so replay stays aligned
             self._on_nonfinite()
         else:
             self.nonfinite_in_a_row = 0
             grads = [projected_gradient(float(d), self.eps, self.grad_clip) for d in mean_diff]
-            zo_update(self.zo_params, seeds, grads, group["lr"], group["weight_decay"])
+            weight_decay = self.param_groups[0]["weight_decay"]  # the decayed group comes first
+            for group, params in zip(self.param_groups, self.zo_groups):
+                zo_update(params, seeds, grads, lr, group["weight_decay"])
         self.last_grads = grads
-        self.trajectory.append(seeds, grads, group["lr"], group["weight_decay"])
+        self.trajectory.append(seeds, grads, lr, weight_decay)
+
+    def _lr(self) -> float:
+        """The step's learning rate: one for all groups, because the trajectory records one."""
+        lrs = {group["lr"] for group in self.param_groups}
+        if len(lrs) != 1:
+            raise ValueError(f"ZOOptimizer's param groups hold different learning rates {sorted(lrs)}: give them one.")
+        return lrs.pop()
 
     def _all_reduce(self, diff_sum: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
         """Across processes only these few scalars travel; every process then applies the same update."""
@@ -124,11 +148,32 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo is None:
             raise ValueError("This optimizer state was not written by ZOOptimizer (no 'zo' entry): cannot resume from it.")
         trajectory = Trajectory.from_state_dict(zo["trajectory"])
-        if trajectory.param_names != self.trajectory.param_names:
-            raise ValueError(
-                "The checkpoint's ZO trajectory was recorded for different trainable parameters "
-                f"({len(trajectory.param_names)} vs {len(self.trajectory.param_names)}): resume with the same model and config."
-            )
+        self._check_same_run(trajectory)
         super().load_state_dict(state_dict)
+        trajectory.decay_names = self.trajectory.decay_names  # the same set, or no decay recorded yet
         self.trajectory = trajectory
         self.nonfinite_in_a_row = zo["nonfinite_in_a_row"]
+
+    def _check_same_run(self, recorded: Trajectory) -> None:
+        """Refuse a checkpoint whose recorded steps this optimizer would not continue: one trajectory, one setting."""
+        if recorded.param_names != self.trajectory.param_names:
+            raise ValueError(
+                "The checkpoint's ZO trajectory was recorded for different trainable parameters "
+                f"({len(recorded.param_names)} vs {len(self.trajectory.param_names)}): resume with the same model and config."
+            )
+        changed = []
+        if recorded.eps != self.eps:
+            changed.append(f"zo_eps {recorded.eps!r} (now {self.eps!r})")
+        if recorded.num_queries != self.num_queries:
+            changed.append(f"zo_num_queries {recorded.num_queries} (now {self.num_queries})")
+        elif recorded.seeds and recorded.seeds[0] != step_seeds(self.seed, 0, self.num_queries):
+            changed.append(f"a different seed (now {self.seed})")
+        decays_differ = set(recorded.decayed_names()) != set(self.trajectory.decayed_names())
+        if decays_differ and any(recorded.weight_decays):
+            changed.append("weight decay on a different set of parameters")
+        if changed:
+            raise ValueError(
+                f"The checkpoint's ZO run was recorded with {', '.join(changed)}: continuing it would mix two "
+                "trajectories that no replay can reproduce. Resume with the checkpoint's settings, or start a new "
+                "run from its weights."
+            )

@@ -39,11 +39,29 @@ class ZOParameter:
     sites: list[tuple[nn.Module, nn.Module, str]] = field(default_factory=list)
 
 
+def check_not_offloaded(model: nn.Module) -> None:
+    """Refuse a model with accelerate offload hooks: they load each weight from their own copy before the
+    module's forward, over the perturbed one, and the ZO update would write to a placeholder."""
+    offloaded = [name for name, module in model.named_modules() if _offloads(getattr(module, "_hf_hook", None))]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} module(s) have their weights offloaded by accelerate hooks, e.g. {offloaded[0] or 'the model'}: "
+            "ZO training perturbs and updates the weights in place and cannot train offloaded weights. Load the "
+            "model onto one device (no device_map offload to cpu/disk, no cpu_offload)."
+        )
+
+
+def _offloads(hook) -> bool:
+    """Whether an accelerate hook (or a SequentialHook of them) offloads its module's weights."""
+    return bool(getattr(hook, "offload", False)) or any(_offloads(h) for h in getattr(hook, "hooks", ()))
+
+
 def zo_parameters(model: nn.Module) -> list[ZOParameter]:
     """The parameters ZO training updates: those with requires_grad, in a stable order.
 
     A parameter shared by several modules (tied weights) is perturbed identically at every site.
     """
+    check_not_offloaded(model)
     by_id: dict[int, ZOParameter] = {}
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, param in model.named_parameters(remove_duplicate=False):

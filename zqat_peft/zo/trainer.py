@@ -1,12 +1,16 @@
 """ZOTrainer: transformers' Trainer with two perturbed forwards in place of backward().
 
-Only two hooks are overridden: `create_optimizer` (a `ZOOptimizer`) and `training_step` (the SPSA
-forwards). The loop, schedules, logging, callbacks, evaluation, checkpoints and resume are the
-Trainer's own. Checkpoints also hold the run's trajectory (`zo_trajectory.safetensors`).
+The hooks overridden are `create_optimizer` (a `ZOOptimizer`), `training_step` (the SPSA forwards) and
+`get_decay_parameter_names` (no decay on quantization parameters). The loop, schedules, logging,
+callbacks, evaluation, checkpoints and resume are the Trainer's own. Checkpoints also hold the run's
+trajectory (`zo_trajectory.safetensors`). Options that choose or tune a gradient optimizer are refused,
+not ignored: ZO training has exactly one optimizer.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -14,9 +18,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .estimator import spsa_losses
+from ..tuner.layer import ZQATLayer
+from .estimator import loss_difference, spsa_losses
 from .optimizer import ZOOptimizer
-from .perturbation import zo_parameters
+from .perturbation import check_not_offloaded, zo_parameters
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +40,12 @@ class ZOTrainingArguments(TrainingArguments):
     max_grad_norm: float = field(default=0.0, metadata={"help": "Must stay 0: use zo_grad_clip instead."})
 
     def __post_init__(self) -> None:
+        ignored = _optimizer_options_set(self)
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)}: ZOTrainer always uses its own ZO optimizer, so these options would be "
+                "ignored. Leave them at their defaults; the ZO step is set by learning_rate, weight_decay and zo_*."
+            )
         if self.fp16:
             raise ValueError(
                 "fp16=True is not supported by ZOTrainer (fp16 mixed precision needs a gradient scaler, and ZO "
@@ -50,16 +63,39 @@ class ZOTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+# Gradient-optimizer options of TrainingArguments that ZO training cannot honour.
+_OPTIMIZER_OPTIONS = ("optim", "optim_args", "optim_target_modules", "adam_beta1", "adam_beta2", "adam_epsilon")
+# ZeroQAT's quantizer parameters: decay would pull a scale (or clipping logit) towards a coarser grid.
+_QUANTIZER_PARAMS = tuple(name for name in ZQATLayer.adapter_layer_names if name != "zqat_weight")
+
+
+def _optimizer_options_set(args: TrainingArguments) -> list[str]:
+    defaults = TrainingArguments.__dataclass_fields__
+
+    def value(v):
+        return getattr(v, "value", v)  # OptimizerNames members and their strings alike
+
+    return [
+        f"{name}={value(getattr(args, name))!r}" for name in _OPTIMIZER_OPTIONS
+        if value(getattr(args, name)) != value(defaults[name].default)
+    ]
+
+
 class ZOTrainer(Trainer):
     """Zeroth-order training: each step costs two forwards per query and no backward."""
 
     def __init__(self, model: nn.Module = None, args: ZOTrainingArguments = None, **kwargs: Any) -> None:
-        if args is not None and not isinstance(args, ZOTrainingArguments):
+        if args is None:
+            args = ZOTrainingArguments(output_dir="tmp_trainer")  # what Trainer does, with the ZO defaults
+            logger.info("No ZOTrainingArguments passed, using output_dir=tmp_trainer.")
+        if not isinstance(args, ZOTrainingArguments):
             raise TypeError("ZOTrainer needs ZOTrainingArguments (they add zo_eps, zo_num_queries, zo_grad_clip).")
         if model is not None:
             _check_model_is_trainable(model)
         if kwargs.get("optimizers", (None, None))[0] is not None:
             raise ValueError("ZOTrainer builds its own ZOOptimizer; pass no optimizer (a scheduler is fine).")
+        if kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError("ZOTrainer builds its own ZOOptimizer; pass no optimizer_cls_and_kwargs.")
         super().__init__(model=model, args=args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
@@ -67,11 +103,17 @@ class ZOTrainer(Trainer):
                 "must apply to the same full weights. Use plain multi-process data parallelism (accelerate launch)."
             )
 
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """transformers' choice (no biases, no norms), less ZeroQAT's scales, clipping logits and smoothing scales."""
+        names = super().get_decay_parameter_names(model)
+        return [n for n in names if not any(f".{q}." in f".{n}." for q in _QUANTIZER_PARAMS)]
+
     def create_optimizer(self, model: Optional[nn.Module] = None) -> ZOOptimizer:
         if self.optimizer is None:
             args = self.args
             self.optimizer = ZOOptimizer(
                 zo_parameters(self.model),
+                decay_names=self.get_decay_parameter_names(self.model),
                 lr=args.learning_rate,
                 eps=args.zo_eps,
                 num_queries=args.zo_num_queries,
@@ -95,6 +137,8 @@ class ZOTrainer(Trainer):
         # Dropout off: both perturbed passes must evaluate the same function, or the difference is noise.
         model.eval()
         inputs = self._prepare_inputs(inputs)
+        if _forward_accepts(model, "use_cache"):
+            inputs = {**inputs, "use_cache": False}  # a ZO forward never reuses keys and values: build none
 
         def loss_fn() -> torch.Tensor:
             with self.compute_loss_context_manager():
@@ -102,11 +146,9 @@ class ZOTrainer(Trainer):
                 return self.compute_loss(model, dict(inputs))
 
         pairs = [spsa_losses(zo.zo_params, loss_fn, seed, zo.eps) for seed in zo.seeds]
-        loss_pos = torch.stack([p for p, _ in pairs])
-        loss_neg = torch.stack([n for _, n in pairs])
-        zo.accumulate((loss_pos - loss_neg).float())
-        loss = (loss_pos + loss_neg).mean() / 2
-        return loss.detach().to(self.args.device) / self.current_gradient_accumulation_steps
+        zo.accumulate(torch.stack([loss_difference(pos, neg) for pos, neg in pairs]))
+        loss = torch.stack([pos.double() + neg.double() for pos, neg in pairs]).mean() / 2
+        return loss.to(self.args.device, torch.float32) / self.current_gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs:
@@ -122,7 +164,16 @@ class ZOTrainer(Trainer):
             self.zo_optimizer.trajectory.save(output_dir or self.args.output_dir)
 
 
+def _forward_accepts(model: nn.Module, name: str) -> bool:
+    """Whether the forward of the model under the wrappers (DDP, peft) takes the keyword `name`."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return name in inspect.signature(inner.forward).parameters
+
+
 def _check_model_is_trainable(model: nn.Module) -> None:
+    check_not_offloaded(model)
     for config in (getattr(model, "peft_config", None) or {}).values():
         if getattr(config, "init", None) == "calibrate" and not getattr(config, "calibrated", True):
             raise ValueError(

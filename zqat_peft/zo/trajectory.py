@@ -1,7 +1,9 @@
-"""The record of a ZO run: per step, the seeds, projected gradients and learning rate.
+"""The record of a ZO run: per step, the seeds, projected gradients, learning rate and weight decay.
 
 Together with the starting model this is the whole run: `replay_trajectory` re-applies every update
-and gives the trained weights bit for bit. 10,000 steps take a few hundred KB.
+and gives the trained weights bit for bit. 10,000 steps take a few hundred KB. The names of the
+weight-decayed parameters are recorded once; a trajectory written before they were (``decay_names``
+None) decayed every parameter and rounded half-precision updates to nearest.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,9 +33,14 @@ class Trajectory:
     grads: list[list[float]] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     weight_decays: list[float] = field(default_factory=list)
+    decay_names: Optional[list[str]] = None  # None: recorded before decay was restricted (every parameter)
 
     def __len__(self) -> int:
         return len(self.lrs)
+
+    def decayed_names(self) -> list[str]:
+        """The parameters the recorded weight decay applies to."""
+        return list(self.param_names if self.decay_names is None else self.decay_names)
 
     def append(self, seeds: list[int], grads: list[float], lr: float, weight_decay: float) -> None:
         self.seeds.append(list(seeds))
@@ -45,6 +52,7 @@ class Trajectory:
         return {
             "eps": self.eps, "num_queries": self.num_queries, "param_names": list(self.param_names),
             "seeds": self.seeds, "grads": self.grads, "lrs": self.lrs, "weight_decays": self.weight_decays,
+            "decay_names": None if self.decay_names is None else list(self.decay_names),
         }
 
     @classmethod
@@ -62,6 +70,8 @@ class Trajectory:
         }
         meta = {"eps": repr(self.eps), "num_queries": str(q), "noise": NOISE_VERSION,
                 "param_names": json.dumps(self.param_names)}
+        if self.decay_names is not None:
+            meta["decay_names"] = json.dumps(self.decay_names)
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -83,6 +93,7 @@ class Trajectory:
             eps=float(meta["eps"]), num_queries=int(meta["num_queries"]), param_names=json.loads(meta["param_names"]),
             seeds=t["seeds"].tolist(), grads=t["grads"].tolist(), lrs=t["lrs"].tolist(),
             weight_decays=t["weight_decays"].tolist(),
+            decay_names=json.loads(meta["decay_names"]) if "decay_names" in meta else None,
         )
 
 
@@ -104,6 +115,18 @@ def replay_trajectory(model: nn.Module, trajectory: Union[Trajectory, str, Path]
             "Build the model with the same config (and the same trainable mode) as the run."
         )
     n = len(trajectory) if steps is None else steps
+    if not 0 <= n <= len(trajectory):
+        raise ValueError(f"steps={steps}: the trajectory holds {len(trajectory)} recorded steps.")
+    if trajectory.decay_names is None and any(p.param.dtype in (torch.bfloat16, torch.float16) for p in params):
+        raise ValueError(
+            "This trajectory was recorded before half-precision updates were rounded stochastically: it cannot be "
+            "replayed on bfloat16/float16 trainable parameters. Replay it with the version that recorded it."
+        )
+    decayed_names = set(trajectory.decayed_names())
+    decayed = [p for p in params if p.name in decayed_names]
+    kept = [p for p in params if p.name not in decayed_names]
     for i in range(n):
-        zo_update(params, trajectory.seeds[i], trajectory.grads[i], trajectory.lrs[i], trajectory.weight_decays[i])
+        seeds, grads, lr = trajectory.seeds[i], trajectory.grads[i], trajectory.lrs[i]
+        zo_update(decayed, seeds, grads, lr, trajectory.weight_decays[i])
+        zo_update(kept, seeds, grads, lr, 0.0)
     return model
