@@ -68,12 +68,17 @@ class Range:
 
     def __str__(self) -> str:
         kind = "an integer" if self.integer else "a number"
+        low, high = _number(self.low), _number(self.high)
         if self.high < math.inf:
-            bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            bounds = f"in {'(' if self.low_open else '['}{low}, {high}]"
         else:
-            bounds = f"{'>' if self.low_open else '>='} {self.low:g}"
+            bounds = f"{'>' if self.low_open else '>='} {low}"
         extra = [str(v) for v in self.also] + (["null"] if self.nullable else [])
         return f"{kind} {bounds}" + "".join(f" or {e}" for e in extra)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _count(low: int = 1, nullable: bool = False) -> Range:
