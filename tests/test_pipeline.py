@@ -115,11 +115,12 @@ def test_a_failed_run_is_never_marked_done(tmp_path, monkeypatch):
     out.mkdir()
     (out / "DONE").write_text("an earlier run")
     monkeypatch.setattr(pipeline, "load_base", lambda recipe, device: (tiny_model(), None))
+    monkeypatch.setattr(pipeline, "prepare_data", lambda recipe, tokenizer: {})
 
-    def crash(recipe, tokenizer):
-        raise RuntimeError("crash while preparing the data")
+    def crash(model, tokenizer, recipe, data):
+        raise RuntimeError("crash in the first evaluation")
 
-    monkeypatch.setattr(pipeline, "prepare_data", crash)
+    monkeypatch.setattr(pipeline, "evaluate", crash)
     recipe = load_recipe(None, [f"output_dir={out}"])
     with pytest.raises(RuntimeError, match="crash"):
         pipeline.run(recipe)

@@ -26,7 +26,8 @@ from .data import ASSETS, fetch
 from .pipeline import (
     AssetError, evaluate, load_adapter, merge_for_export, pick_device, prepare_eval_data, resume_state, run,
 )
-from .recipe import load_recipe, output_dir, required_assets
+from .files import CorruptFileError
+from .recipe import check_adapter_folder, check_sources, load_recipe, output_dir, required_assets
 from .report import metrics_table
 from .zo import ZODivergenceError
 
@@ -113,6 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _train(recipe: dict, resume: bool = False) -> None:
+    check_sources(recipe)  # before any asset is fetched
     if resume:
         resume_state(output_dir(recipe), recipe)  # nothing to resume: refused before any asset is fetched
     try:
@@ -127,6 +129,7 @@ def _train(recipe: dict, resume: bool = False) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     recipe = adapter_recipe(args.adapter, args.recipe, args.overrides)
+    check_sources(recipe)
     model, tokenizer = load_adapter(recipe, args.adapter, pick_device())
     metrics = evaluate(model, tokenizer, recipe, prepare_eval_data(recipe, tokenizer))
     print(json.dumps(metrics, indent=2) if args.json else metrics_table({"adapter": metrics}))
@@ -175,15 +178,15 @@ def find_recipe(name: str) -> Path:
 def adapter_recipe(adapter: str, recipe: Optional[str], overrides: Sequence[str]) -> dict:
     """The recipe to rebuild an adapter's base model with: ``--recipe``, else the run's ``config.yaml``
     next to the adapter, else the defaults with the base model named in ``adapter_config.json``."""
+    config = check_adapter_folder(adapter)  # before anything is loaded for it
     if recipe is not None:
         return load_recipe(find_recipe(recipe), overrides)
     run_config = Path(adapter).parent / "config.yaml"
     if run_config.is_file():
-        return load_recipe(run_config, overrides)
-    config_file = Path(adapter) / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no adapter in {adapter} (no adapter_config.json); expected e.g. runs/NAME/adapter")
-    config = json.loads(config_file.read_text())
+        try:
+            return load_recipe(run_config, overrides)
+        except CorruptFileError as e:
+            raise UsageError(f"{e}, or give the run's recipe with --recipe") from e
     result = load_recipe(None, overrides)
     if config.get("base_model_name_or_path") and not any(o.startswith("model=") for o in overrides):
         result["model"] = config["base_model_name_or_path"]

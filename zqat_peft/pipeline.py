@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +38,9 @@ from typing import Any, Optional
 import torch
 import yaml
 from peft import PeftModel, get_peft_model
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from peft.utils.error import NoMatchingPeftModuleError
+from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
@@ -45,7 +49,9 @@ from . import distill, finetune
 from .calibration import calibrate, calibration_batches
 from .data import load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
-from .recipe import DTYPES, RecipeError, calibrates, changed_keys, output_dir, quant_config
+from .files import check_file, read_mapping
+from .recipe import (DTYPES, RecipeError, calibrates, changed_keys, check_adapter_folder, check_sources, output_dir,
+                     quant_config)
 from .report import format_value, loss_figure, report
 from .tuner import ZQATLinear
 from .zo import ZOTrainer, ZOTrainingArguments
@@ -55,6 +61,10 @@ STAGES_FILE = ".stages.json"  # the stages an unfinished run has done (metrics, 
 
 class AssetError(RuntimeError):
     """A model or a corpus that cannot be had here (no network, failed fetch)."""
+
+
+class AdapterMismatchError(ValueError):
+    """A saved adapter made for another base model than the one it is loaded onto."""
 
 
 # --------------------------------------------------------------------------------------- models, data
@@ -68,7 +78,9 @@ def load_base(recipe: dict, device: str):
     """``(model, tokenizer)`` of the recipe's model; one clear error when it cannot be had here."""
     try:
         return load_model_and_tokenizer(recipe["model"], dtype=DTYPES[recipe["dtype"]], device=device)
-    except (OSError, RuntimeError) as e:  # a Hub id without network, a failed fetch
+    except (ConnectionError, FileNotFoundError):
+        raise  # the checks' own messages: they name the model or file and what to do
+    except (OSError, RuntimeError) as e:  # a failed fetch, a Hub error
         raise AssetError(f"cannot load the model {recipe['model']!r}: {_one_line(e)}") from e
 
 
@@ -79,12 +91,44 @@ def quantized_model(recipe: dict, device: str, init: str):
 
 
 def load_adapter(recipe: dict, adapter_dir: str | os.PathLike, device: str, trainable: bool = False):
-    """The base model with a saved ZeroQAT adapter: in eval mode, or with its weights trainable again."""
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no adapter in {adapter_dir} (no adapter_config.json); expected e.g. runs/NAME/adapter")
+    """The base model with a saved ZeroQAT adapter: in eval mode, or with its weights trainable again. The
+    adapter's files are checked before the base model loads; an adapter of another base model is refused."""
+    check_adapter_folder(adapter_dir)
     base, tokenizer = load_base(recipe, device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    model = attach_adapter(base, adapter_dir, recipe["model"], trainable)
     return (model if trainable else model.eval()), tokenizer
+
+
+def attach_adapter(base, adapter_dir: str | os.PathLike, model_name: str, trainable: bool):
+    """``PeftModel.from_pretrained``, refusing in one line an adapter whose layers or shapes are not the base
+    model's (peft would raise a page of shape errors, or only warn about missing layers and go on)."""
+    def mismatch(detail: str) -> AdapterMismatchError:
+        return AdapterMismatchError(f"the adapter {adapter_dir} was not made for the model {model_name!r} ({detail}): "
+                                    "load it onto the base model it was trained on (model=..., or the run's "
+                                    "config.yaml next to the adapter)")
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Found missing adapter keys")  # refused below instead
+        try:
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+        except NoMatchingPeftModuleError as e:
+            raise mismatch("none of its layers is in the model") from e
+        except RuntimeError as e:
+            shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+            if not shapes:
+                raise
+            raise mismatch(f"{len(shapes)} tensors differ in shape, e.g. {shapes[0]}") from e
+    weights = Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            saved = set(f.keys())
+        expected = set(get_peft_model_state_dict(model))
+        if saved != expected:
+            missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+            example = f"e.g. {missing[0]} is not in the adapter" if missing else f"e.g. {unexpected[0]} is not in the model"
+            raise mismatch(f"{len(missing)} of the model's tensors are not in the adapter and {len(unexpected)} of the "
+                           f"adapter's not in the model, {example}")
+    return model
 
 
 @torch.no_grad()
@@ -106,7 +150,7 @@ def merge_for_export(model) -> tuple[torch.nn.Module, bool]:
 def corpus_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
     try:
         return encode_joined(tokenizer, load_text(source, split))
-    except RuntimeError as e:  # a corpus that could not be fetched, a dataset id without network
+    except (RuntimeError, ConnectionError) as e:  # a corpus that could not be fetched, a dataset id without network
         raise AssetError(f"cannot load the corpus {source!r}: {_one_line(e)}") from e
 
 
@@ -305,15 +349,11 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     ``resume``: go on with an interrupted run of the same recipe: from its last checkpoint (runs checkpoint
     with ``train.eval_steps``), or, when training had finished, from the trained adapter; the stages it
     finished are not repeated."""
+    check_sources(recipe)
     out = output_dir(recipe)
     saved = resume_state(out, recipe) if resume else {"metrics": {}, "timings": {}}
     metrics, timings = saved["metrics"], saved["timings"]
     history = saved.get("history")  # present once training has finished
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "DONE").unlink(missing_ok=True)
-    if not resume:  # an earlier interrupted run's checkpoints would mix with this run's
-        shutil.rmtree(out / ".trainer", ignore_errors=True)
-    write_text(out / "config.yaml", yaml.safe_dump(recipe, sort_keys=False))
     device = pick_device()
     start = time.perf_counter() - sum(timings.values())  # resumed: the stages done before count too
     # the full-precision model is needed for its evaluation and the teacher's targets; a resumed run that
@@ -322,6 +362,13 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
     with _timed("data", timings):
         model, tokenizer = load_base(recipe, device) if needs_fp else saved_model(recipe, out, history, device)
         data = prepare_data(recipe, tokenizer)
+    # the model and the data could be had: only now does the run (re)write its folder, so that a job that
+    # fails on its inputs leaves nothing behind (and an earlier run's results as they were)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "DONE").unlink(missing_ok=True)
+    if not resume:  # an earlier interrupted run's checkpoints would mix with this run's
+        shutil.rmtree(out / ".trainer", ignore_errors=True)
+    write_text(out / "config.yaml", yaml.safe_dump(recipe, sort_keys=False))
     if not resume:
         with _timed("fp", timings):
             metrics["fp"] = evaluate(model, tokenizer, recipe, data)
@@ -393,20 +440,44 @@ def resume_state(out: Path, recipe: dict) -> dict[str, Any]:
     if is_done(out):
         raise RecipeError(f"{out} holds a finished run; nothing to resume (remove it or pick another name)")
     config, stages = out / "config.yaml", out / STAGES_FILE
-    saved = json.loads(stages.read_text(encoding="utf-8")) if stages.is_file() else {}
+    fix = "the run cannot be resumed: run without --resume to start over"
+    saved = read_mapping(stages, fix) if stages.is_file() else {}
+    last = get_last_checkpoint(str(out / ".trainer")) if (out / ".trainer").is_dir() else None
     if "history" in saved:
         resumable = (out / "adapter").is_dir()
     else:
-        resumable = (out / ".trainer" / "start").is_dir() and any((out / ".trainer").glob("checkpoint-*"))
+        resumable = (out / ".trainer" / "start").is_dir() and last is not None
     if not (config.is_file() and saved and resumable):
         raise RecipeError(f"{out} has no checkpoint to resume from (runs checkpoint only with train.eval_steps, "
                           "at the first check); run without --resume to start over")
-    before = yaml.safe_load(config.read_text(encoding="utf-8"))
+    if not (isinstance(saved.get("metrics"), dict) and isinstance(saved.get("timings"), dict)):
+        raise RecipeError(f"{stages} lacks the metrics and timings of the finished stages; {fix}")
+    before = read_mapping(config, fix)
     changed = changed_keys(before, recipe)
     if changed:
         raise RecipeError(f"the recipe differs from the interrupted run's ({config}) in {', '.join(changed)}; "
                           "resume with the same recipe and overrides")
+    if "history" in saved:
+        check_adapter_folder(out / "adapter")
+    else:
+        check_adapter_folder(out / ".trainer" / "start")
+        check_checkpoint(Path(last), fix)
     return saved
+
+
+# What the Trainer reads back when it resumes from a checkpoint (the ZO trajectory is in the optimizer's state).
+CHECKPOINT_FILES = ("adapter_config.json", SAFETENSORS_WEIGHTS_NAME, "trainer_state.json", "optimizer.pt",
+                    "scheduler.pt")
+
+
+def check_checkpoint(checkpoint: Path, fix: str) -> None:
+    """Every file a resume reads from ``checkpoint`` is there and whole, and so is every other file it holds
+    (the ZO trajectory, the RNG states)."""
+    for name in CHECKPOINT_FILES:
+        check_file(checkpoint / name, fix)
+    for path in sorted(checkpoint.iterdir()):
+        if path.name not in CHECKPOINT_FILES and path.is_file():
+            check_file(path, fix)
 
 
 @contextmanager

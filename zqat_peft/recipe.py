@@ -8,8 +8,10 @@ key and what it accepts. Every key and its default is in ``default_recipe()``.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -17,9 +19,11 @@ import torch
 import yaml
 from transformers import SchedulerType
 
-from .data import ASSETS, MODELS, TEXT_CORPORA
+from .data import ASSETS, MODELS, TEXT_CORPORA, check_model_source, check_text_source
 from .evaluation.zeroshot import available_tasks
+from .files import check_adapter, read_yaml
 from .tuner import ZeroQATConfig
+from .tuner.registration import zqat_peft_type
 
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
 TASKS = ("boolq",)
@@ -35,6 +39,94 @@ _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 class RecipeError(ValueError):
     """A recipe that cannot be used as written (unknown key, bad value)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric recipe key accepts: integers (or any finite number) from ``low`` to ``high``
+    (``low`` itself excluded when ``low_open``), plus the few listed in ``also`` (-1: per channel) and null when
+    ``nullable``."""
+
+    integer: bool
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    nullable: bool = False
+    also: tuple[int, ...] = ()
+
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # YAML's true is an int to Python
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if value in self.also:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        return math.isfinite(value) and above and value <= self.high
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        low, high = _number(self.low), _number(self.high)
+        if self.high < math.inf:
+            bounds = f"in {'(' if self.low_open else '['}{low}, {high}]"
+        else:
+            bounds = f"{'>' if self.low_open else '>='} {low}"
+        extra = [str(v) for v in self.also] + (["null"] if self.nullable else [])
+        return f"{kind} {bounds}" + "".join(f" or {e}" for e in extra)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _count(low: int = 1, nullable: bool = False) -> Range:
+    return Range(integer=True, low=low, nullable=nullable)
+
+
+POSITIVE = Range(integer=False, low=0, low_open=True)
+NON_NEGATIVE = Range(integer=False, low=0)
+
+# Every numeric recipe key and what it accepts, checked when a recipe is loaded (quant.w_bits, a_bits and kv_bits
+# take a few listed values: ZeroQATConfig checks those). A sequence length needs two tokens: one to predict the other.
+RANGES: dict[str, Range] = {
+    "seed": Range(integer=True, low=0, high=2**32 - 1),  # numpy's seeds are 32-bit
+    "quant.group_size": Range(integer=True, low=1, also=(-1,)),
+    "quant.calib_epochs": _count(low=0),  # 0: the smoothing scales' initial values, nothing learned
+    "quant.calib_lr": NON_NEGATIVE,
+    "quant.calib_smooth_lr": NON_NEGATIVE,
+    "quant.calib_alpha": Range(integer=False, low=0, high=1),
+    "calibration.n_samples": _count(),
+    "calibration.seq_len": _count(low=2),
+    "calibration.batch_size": _count(),
+    "train.seq_len": _count(low=2),
+    "train.batch_size": _count(),
+    "train.steps": _count(),
+    "train.lr": POSITIVE,
+    "train.eps": POSITIVE,
+    "train.num_queries": _count(),
+    "train.grad_clip": Range(integer=False, low=0, low_open=True, nullable=True),
+    "train.weight_decay": NON_NEGATIVE,
+    "train.warmup_steps": _count(low=0),
+    "train.logging_steps": _count(),
+    "train.max_windows": _count(nullable=True),
+    "train.eval_steps": _count(nullable=True),
+    "train.eval_windows": _count(),
+    "eval.seq_len": _count(low=2),
+    "eval.max_windows": _count(nullable=True),
+    "eval.batch_size": _count(),
+    "eval.limit": Range(integer=False, low=0, low_open=True, nullable=True),  # below 1: a fraction (lm-eval's)
+    "eval.zero_shot_batch_size": _count(),
+    "finetune.n_train": _count(),
+    "finetune.n_val": _count(low=0),
+    "finetune.n_test": _count(),
+    "finetune.max_length": _count(low=2),
+    "finetune.eval_batch_size": _count(),
+}
+BOOLEAN_KEYS = ("save_init", "quant.symmetric", "quant.smooth", "train.bf16")
+RECIPE_FILE_FIX = "correct the file (recipes/demo.yaml shows the form)"
+ADAPTER_FIX = "give a folder that save_pretrained wrote whole (e.g. runs/NAME/adapter), or train the adapter again"
 
 
 def default_recipe() -> dict:
@@ -104,16 +196,21 @@ def load_recipe(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = read_yaml(path, fix=RECIPE_FILE_FIX) or {}  # an empty file: the defaults
         if not isinstance(loaded, dict):
-            raise RecipeError(f"{path}: a recipe is a YAML mapping of keys to values")
+            raise RecipeError(f"{path}: a recipe is a YAML mapping of keys to values; {RECIPE_FILE_FIX}")
         for key, value in loaded.items():
             _apply(recipe, str(key), value)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise RecipeError(f"override {item!r} is not of the form key=value")
-        _apply(recipe, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
+                              "it as YAML writes it, e.g. train.lr=2e-5 or eval.tasks=[piqa]") from e
+        _apply(recipe, key.strip(), value)
     if recipe["name"] is None:
         recipe["name"] = Path(path).stem if path is not None else "run"
     check_recipe(recipe)
@@ -144,7 +241,9 @@ def _set(recipe: dict, key: str, value: Any) -> None:
 
 
 def check_recipe(recipe: dict) -> None:
-    """Refuse values the job cannot use, before any model is loaded."""
+    """Refuse values the job cannot use, before any model is loaded: numbers out of their range, unknown names,
+    a start_from adapter that is not whole or not the recipe's."""
+    check_ranges(recipe)
     if recipe["task"] not in (None, *TASKS):
         raise RecipeError(f"task must be null (language modelling) or one of {TASKS}, got {recipe['task']!r}")
     if recipe["dtype"] not in DTYPES:
@@ -158,12 +257,6 @@ def check_recipe(recipe: dict) -> None:
     if recipe["finetune"]["loss"] not in FINETUNE_LOSSES:
         raise RecipeError(f"finetune.loss must be one of {FINETUNE_LOSSES}, got {recipe['finetune']['loss']!r}")
     t = recipe["train"]
-    for key in ("steps", "eval_steps", "eval_windows", "max_windows"):
-        nullable = key in ("eval_steps", "max_windows")
-        if t[key] is None and nullable:
-            continue
-        if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
-            raise RecipeError(f"train.{key} must be a positive integer{' or null' if nullable else ''}, got {t[key]!r}")
     schedulers = [s.value for s in SchedulerType]
     if t["scheduler"] not in schedulers:
         raise RecipeError(f"train.scheduler must be one of {', '.join(schedulers)}; got {t['scheduler']!r}")
@@ -179,11 +272,35 @@ def check_recipe(recipe: dict) -> None:
         # no check would run during training, and the run would give back the start, untrained
         raise RecipeError(f"train.eval_steps ({t['eval_steps']}) is larger than train.steps ({t['steps']}): "
                           "lower it or set it to null")
-    if not isinstance(recipe["save_init"], bool):
-        raise RecipeError(f"save_init must be true or false, got {recipe['save_init']!r}")
     quant_config(recipe)  # ZeroQATConfig checks the quantization settings
     if recipe["start_from"] is not None:
         check_start_from(recipe)
+
+
+def check_sources(recipe: dict) -> None:
+    """Refuse at once a model or a corpus that cannot be had here (an unknown name, a missing folder, a Hub id
+    with the Hub out of reach), before a job fetches or loads anything. Apart from ``check_recipe``: a recipe
+    for another machine (a Hub model, here offline) still loads and reads."""
+    check_model_source(recipe["model"])
+    for source in text_sources(recipe):
+        check_text_source(source)
+
+
+def check_ranges(recipe: dict) -> None:
+    """Every number within its ``RANGES`` entry, every ``BOOLEAN_KEYS`` value true or false."""
+    for key, allowed in RANGES.items():
+        value = _value(recipe, key)
+        if not allowed.admits(value):
+            raise RecipeError(f"{key}={value!r} is out of range: {key} takes {allowed}")
+    for key in BOOLEAN_KEYS:
+        value = _value(recipe, key)
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}={value!r} is not allowed: {key} takes true or false")
+
+
+def _value(recipe: dict, key: str) -> Any:
+    section, _, sub = key.partition(".")
+    return recipe[section][sub] if sub else recipe[section]
 
 
 # What a saved adapter's codes, scales and smoothing depend on: a recipe that starts from it must agree.
@@ -193,9 +310,13 @@ START_KEYS = ("w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "trainab
 def check_start_from(recipe: dict) -> None:
     """Refuse a ``start_from`` that is not an adapter folder, or whose quantization is not the recipe's."""
     path = recipe["start_from"]
-    if not isinstance(path, str) or not (Path(path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"start_from: no adapter in {path!r} (no adapter_config.json); expected an adapter "
-                                "folder such as runs/NAME/init_adapter")
+    if not isinstance(path, str):
+        raise RecipeError(f"start_from={path!r} is not allowed: start_from takes an adapter folder such as "
+                          "runs/NAME/init_adapter, or null")
+    try:
+        check_adapter_folder(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"start_from: no adapter in {path!r} ({e})") from e
     saved, wanted = ZeroQATConfig.from_pretrained(path), quant_config(recipe)
     keys = [*START_KEYS, "trainable_modules"] if wanted.trainable == "lightweight" else list(START_KEYS)
     differ = [f"quant.{k} {getattr(saved, k)!r} there, {getattr(wanted, k)!r} here" for k in keys
@@ -209,6 +330,12 @@ def check_start_from(recipe: dict) -> None:
     if base and _model_name(base) != _model_name(recipe["model"]):
         raise RecipeError(f"start_from {path} was trained on the base model {base!r}, the recipe's model is "
                           f"{recipe['model']!r}: set model= to the adapter's base model")
+
+
+def check_adapter_folder(folder: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` of a ZeroQAT adapter folder, once the folder is known to be whole (config and
+    weights readable, of ZeroQAT's type): checked before a model is built for it."""
+    return check_adapter(folder, zqat_peft_type().value, ADAPTER_FIX)
 
 
 def _model_name(name_or_path: Any) -> str:
@@ -232,15 +359,21 @@ def output_dir(recipe: dict) -> Path:
 def required_assets(recipe: dict) -> list[str]:
     """The zqat_peft.data assets the recipe reads (fetched before the job starts)."""
     names = {"model"} if str(recipe["model"]).lower() in MODELS else set()
+    names |= {s for s in text_sources(recipe) if s in TEXT_CORPORA}
+    if recipe["eval"]["tasks"] or recipe["task"]:
+        names.add("tasks")
+    return [a for a in ASSETS if a in names]
+
+
+def text_sources(recipe: dict) -> list[str]:
+    """The corpora the job reads: the evaluation corpora, the training data (language modelling) and the
+    calibration data (when it calibrates)."""
     sources = list(recipe["eval"]["corpora"].values())
     if recipe["task"] is None:
         sources.append(recipe["train"]["data"])
     if calibrates(recipe):
         sources.append(recipe["calibration"]["data"])
-    names |= {s for s in sources if s in TEXT_CORPORA}
-    if recipe["eval"]["tasks"] or recipe["task"]:
-        names.add("tasks")
-    return [a for a in ASSETS if a in names]
+    return sources
 
 
 def changed_keys(before: dict, after: dict) -> list[str]:

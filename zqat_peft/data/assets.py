@@ -49,6 +49,7 @@ from typing import Iterable
 
 import torch
 
+from ..files import CorruptFileError, check_file, read_mapping, read_text, require_file
 from .archives import Downloads, extract_deb, extract_member, extract_tree
 from .corpora import SPLITS, build_austen, build_lee, build_wiki, split_documents
 
@@ -61,7 +62,10 @@ __all__ = [
     "TEXT_CORPORA",
     "asset_path",
     "cache_dir",
+    "check_model_source",
+    "check_text_source",
     "fetch",
+    "hub_reachable",
     "is_complete",
     "load_model_and_tokenizer",
     "load_text",
@@ -392,15 +396,122 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
 # --------------------------------------------------------------------------------------- loading
 
 
+# ------------------------------------------------------------------------------- the Hugging Face Hub
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers here within ``timeout`` seconds (any HTTP status counts); False at
+    once in offline mode (``HF_HUB_OFFLINE=1``). Asked before anything is requested from the Hub, whose client
+    would otherwise retry an unreachable Hub for about a minute."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants, is_offline_mode
+
+    if is_offline_mode():
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):  # no route, no name, refused, timed out; a malformed HF_ENDPOINT
+        return False
+    return True
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "~")):  # a relative or home path that does not exist
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_cache_has_model(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> None:
+    """Refuse at once a model that cannot be had here: neither a name in ``MODELS``, nor a local model folder,
+    nor a Hub id that the Hub cache holds or the reachable Hub can give."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ValueError(f"model={name_or_path!r} is not allowed: model takes a model name ({', '.join(MODELS)}), "
+                         "a local folder or a Hub id")
+    s = os.fspath(name_or_path)
+    if s.lower() in MODELS:
+        return
+    path = Path(s).expanduser()
+    if path.is_dir():
+        require_file(path / "config.json", "a model folder holds config.json and the weights, as save_pretrained "
+                                           "writes them")
+        return
+    known = ", ".join(MODELS)
+    if path.exists() or not _is_hub_id(s):
+        raise FileNotFoundError(f"cannot load the model {s!r}: it is not a model folder, a model name this project "
+                                f"fetches ({known}) or a Hub id; give one of those")
+    if not (hub_reachable() or _hub_cache_has_model(s)):
+        raise ConnectionError(f"cannot load the model {s!r}: it is not a model name this project fetches ({known}) "
+                              "or a local folder, and the Hugging Face Hub cannot be reached from here (nor does its "
+                              f"cache hold it); use {known}, or a local folder the model was saved to")
+
+
+def check_text_source(name: str) -> None:
+    """Refuse at once a corpus that cannot be had here: neither a built-in corpus, nor a local file or folder,
+    nor a dataset id the reachable Hub can give (in offline mode, the datasets cache is trusted)."""
+    from huggingface_hub import is_offline_mode
+
+    if not isinstance(name, str):
+        raise ValueError(f"corpus {name!r} is not allowed: a corpus is one of {TEXT_CORPORA}, a local .jsonl/.txt "
+                         "file or folder, or a dataset id")
+    if name in TEXT_CORPORA or Path(name).expanduser().exists():
+        return
+    if not _is_hub_id(name.partition(":")[0]):
+        raise FileNotFoundError(f"cannot load the corpus {name!r}: no such file or folder, and it is not a built-in "
+                                f"corpus {TEXT_CORPORA} or a dataset id")
+    if not (is_offline_mode() or hub_reachable()):
+        raise ConnectionError(f"cannot load the corpus {name!r}: it is not a built-in corpus {TEXT_CORPORA} or a "
+                              "local file or folder, and the Hugging Face Hub cannot be reached from here to load it "
+                              "as a dataset (one in the datasets cache loads with HF_HUB_OFFLINE=1)")
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _refetch_fix(what: str, folder: Path) -> str:
+    return f"remove {folder} and run `zqat fetch {what}` to build it again"
+
+
+def check_model_folder(folder: Path, fix: str) -> None:
+    """A saved transformers model folder whose config, tokenizer files and safetensors weights are whole."""
+    read_mapping(folder / "config.json", fix)
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".json", ".safetensors") and path.is_file():
+            check_file(path, fix)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> str:
     """A short name from ``MODELS`` -> its converted local folder (fetched if needed); a local folder ->
-    itself; anything else is returned unchanged, as a Hub id for transformers."""
+    itself; a Hub id is returned unchanged, for transformers; anything else is refused (``check_model_source``).
+    Local folders are checked whole (config, tokenizer files, weights) before a model is built from them."""
     s = os.fspath(name_or_path)
     if s.lower() in MODELS:  # one model is registered today, the one fetch("model") prepares
         if not is_complete("model"):
             fetch(("model",))
-        return str(asset_path("model"))
-    return s  # a local folder, or a Hub id that transformers resolves
+        folder = asset_path("model")
+        check_model_folder(folder, _refetch_fix("model", folder))
+        return str(folder)
+    check_model_source(s)
+    if Path(s).expanduser().is_dir():
+        folder = Path(s).expanduser()
+        check_model_folder(folder, "save the model there again (save_pretrained), or give another folder")
+        return str(folder)
+    return s  # a Hub id that transformers resolves
 
 
 def load_model_and_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
@@ -409,21 +520,26 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, dt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
+    # a Hub id with the Hub out of reach is read from the Hub cache alone: no retries
+    cache_only = not Path(path).is_dir() and not hub_reachable()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=cache_only)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=cache_only)
     model.to(device).eval()
     return model, tok
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, fix: str) -> list[dict]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+    for number, line in enumerate(read_text(path, fix).splitlines(), start=1):
+        if line.strip():
+            try:
                 rec = json.loads(line)
-                out.append(rec if isinstance(rec, dict) else {"text": str(rec)})
+            except json.JSONDecodeError as e:
+                raise CorruptFileError(path, f"line {number} is not a JSON record ({e.msg}); each line holds one "
+                                       '{"text": ...}', fix) from e
+            out.append(rec if isinstance(rec, dict) else {"text": str(rec)})
     return out
 
 
@@ -432,12 +548,17 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, 'all')}")
 
 
-def _from_folder(folder: Path, split: str) -> list[str]:
+def _from_folder(folder: Path, split: str, fix: str) -> list[str]:
     files = [folder / f"{s}.jsonl" for s in (SPLITS if split == "all" else (split,))]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} has no {', '.join(missing)}")
-    records = [r for f in files for r in _read_jsonl(f)]
+        raise FileNotFoundError(f"{folder} has no {', '.join(missing)}; {fix}")
+    records = []
+    for path in files:
+        for record in _read_jsonl(path, fix):
+            if not isinstance(record.get("text"), str):
+                raise CorruptFileError(path, 'has a record without a "text" string', fix)
+            records.append(record)
     if split == "all" and all("id" in r for r in records):
         records.sort(key=lambda r: r["id"])
     return [r["text"] for r in records]
@@ -459,16 +580,19 @@ def load_text(name: str, split: str = "train", cache: str | os.PathLike | None =
             fetched = fetch((name,), cache=cache)
             if name not in fetched:
                 raise RuntimeError(f"corpus {name!r} is not available (see the fetch messages above)")
-        return _from_folder(asset_path(name, cache), split)
+        folder = asset_path(name, cache)
+        return _from_folder(folder, split, _refetch_fix(name, folder))
 
+    check_text_source(name)
     path = Path(os.path.expanduser(name))
+    fix = "correct the file, or give another corpus"
     if path.is_dir():
-        return _from_folder(path, split)
+        return _from_folder(path, split, fix)
     if path.is_file():
         if path.suffix == ".jsonl":
-            docs = [r.get("text", "") for r in _read_jsonl(path)]
+            docs = [r.get("text", "") for r in _read_jsonl(path, fix)]
         else:
-            docs = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            docs = [ln.strip() for ln in read_text(path, fix).splitlines() if ln.strip()]
         if split == "all":
             return docs
         assignment = split_documents(docs, [len(d) for d in docs])
@@ -493,4 +617,21 @@ def task_data_dir(task: str, cache: str | os.PathLike | None = None) -> Path:
         raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASKS)}")
     if not is_complete("tasks", cache):
         fetch(("tasks",), cache=cache)
-    return asset_path("tasks", cache) / task
+    folder = asset_path("tasks", cache)
+    check_dataset_folder(folder / task, _refetch_fix("tasks", folder))
+    return folder / task
+
+
+def check_dataset_folder(folder: Path, fix: str) -> None:
+    """A ``datasets.save_to_disk`` folder whose index files and arrow tables read whole."""
+    import pyarrow as pa
+
+    state = read_mapping(folder / "state.json", fix)
+    read_mapping(folder / "dataset_info.json", fix)
+    for entry in state.get("_data_files", []):
+        path = require_file(folder / entry.get("filename", ""), fix)
+        try:
+            with pa.memory_map(str(path)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CorruptFileError(path, f"is not a whole arrow table ({e}): it was truncated or corrupted", fix) from e
