@@ -244,7 +244,8 @@ def test_symmetric_quantization_through_the_tuner():
     scale = groups.abs().amax(dim=-1, keepdim=True) / 7
     codes = (torch.round(groups / scale) + 8).clamp(0, 15)
     reference = ((codes - 8) * scale).reshape(128, 256)
-    assert layer.is_packed("default") and torch.equal(layer.zqat_zeros["default"], torch.full((128, 8), 8, dtype=torch.uint8))
+    assert layer.is_packed("default")
+    assert torch.equal(layer.zqat_zeros["default"], torch.full((128, 8), 8, dtype=torch.uint8))
     assert torch.equal(layer.quantized_weight("default"), reference)
     x = torch.randn(2, 3, 256)
     torch.testing.assert_close(layer(x), x @ reference.t())

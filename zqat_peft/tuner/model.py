@@ -46,7 +46,9 @@ class ZeroQATModel(BaseTuner):
             )
         quantizes_output = config.quantizes_output(current_key)
         head_dim = self._head_dim(target.out_features)
-        block_heads, query_heads = self._fused_qkv_layout(target.out_features, head_dim, current_key) if quantizes_output else (0, 0)
+        block_heads, query_heads = (
+            self._fused_qkv_layout(target.out_features, head_dim, current_key) if quantizes_output else (0, 0)
+        )
         spec = LayerQuantSpec(
             w_bits=config.w_bits,
             group_size=resolve_group_size(config.group_size, target.in_features, current_key),
