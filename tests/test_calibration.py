@@ -69,6 +69,44 @@ def test_calibrated_model_saves_and_loads_bit_identically(tmp_path, batches):
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def _opt_with_projections():
+    """A tiny OPT whose embeddings are narrower than its blocks: project_in / project_out sit outside them."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=256, hidden_size=128, num_attention_heads=4, ffn_dim=256,
+                                    num_hidden_layers=2, word_embed_proj_dim=64, max_position_embeddings=128)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_calibration_packs_frozen_layers_outside_the_blocks(batches, tmp_path):
+    from zqat_peft.calibration.calibrate import init_clipping
+
+    settings = dict(w_bits=2, group_size=32, trainable="lightweight", init="calibrate", calib_epochs=1)
+    model = get_peft_model(_opt_with_projections(), ZeroQATConfig(**settings))
+    decoder = model.base_model.model.model.decoder
+    # The clipping they get: the per-group factor with the least weight quantization error.
+    reference = get_peft_model(_opt_with_projections(), ZeroQATConfig(**settings))
+    expected = {}
+    for name in ("project_in", "project_out"):
+        layer = getattr(reference.base_model.model.model.decoder, name)
+        init_clipping(layer, "default")
+        expected[name] = layer.quantized_weight("default")
+    calibrate(model, batches, progress=False)
+    for name in ("project_in", "project_out"):
+        layer = getattr(decoder, name)
+        assert layer.is_packed("default"), f"{name} is frozen but stayed float"
+        assert torch.equal(layer.quantized_weight("default"), expected[name])
+    frozen = [m for m in model.modules() if isinstance(m, ZQATLinear) and not m.is_trained("default")]
+    assert frozen and all(m.is_packed("default") for m in frozen)
+    # and such a model loads as it was saved
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_opt_with_projections(), tmp_path)
+    model.eval()  # OPT has dropout
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=batches[0]).logits, model(input_ids=batches[0]).logits)
+
+
 def test_empty_calibration_set_is_refused():
     model = get_peft_model(tiny_model(), ZeroQATConfig(init="calibrate"))
     with pytest.raises(ValueError, match="empty"):

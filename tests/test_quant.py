@@ -190,11 +190,24 @@ def test_gradients_reach_clip_logits_and_weight():
         assert grad.abs().sum() > 0
 
 
-def test_no_grad_mode_takes_exact_path():
+def test_no_grad_mode_takes_exact_path(monkeypatch):
+    """Under no_grad a weight that requires grad goes through quantize_weight -> dequantize_weight (the path
+    the packed checkpoint and the CUDA kernel share), and gives the values written out here. The
+    straight-through form gives the same values in float32, so which path ran is recorded."""
+    from zqat_peft.quant import primitives
+
+    calls = []
+    monkeypatch.setattr(primitives, "quantize_weight", lambda *a, **k: calls.append(1) or quantize_weight(*a, **k))
     w = make_weight(seed=6).requires_grad_()
+    groups = w.detach().reshape(OUT, IN // 64, 64)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / 7
+    exact = (((torch.round(groups / scale) + 8).clamp(0, 15) - 8) * scale).reshape(OUT, IN)
     with torch.no_grad():
         fake = fake_quantize_weight(w, 4, 64, symmetric=True)
-    assert not fake.requires_grad
+    assert calls and not fake.requires_grad
+    assert torch.equal(fake, exact)
+    calls.clear()
+    assert fake_quantize_weight(w, 4, 64, symmetric=True).requires_grad and not calls  # with grad: the STE form
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -29,7 +29,9 @@ def _zqat_layers(model):
 def test_every_linear_but_lm_head_is_quantized(arch):
     model = tiny_model(arch)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1  # lm_head stays
-    peft_model = get_peft_model(model, ZeroQATConfig(w_bits=4, group_size=32, trainable="lightweight"))
+    config = ZeroQATConfig(w_bits=4, group_size=32, trainable="lightweight",
+                           trainable_modules=["q_proj", "v_proj", "query_key_value"])  # GPT-NeoX: fused
+    peft_model = get_peft_model(model, config)
     layers = _zqat_layers(peft_model)
     assert len(layers) == n_linear
     assert not isinstance(peft_model.get_output_embeddings(), ZQATLinear)
@@ -47,17 +49,32 @@ MODES = ["full", "lightweight", "scales"]
 def test_save_load_gives_bit_identical_logits(tmp_path, mode, w_bits, group_size, a_bits):
     config = ZeroQATConfig(w_bits=w_bits, group_size=group_size, a_bits=a_bits, kv_bits=a_bits, trainable=mode)
     model = get_peft_model(tiny_model(), config)
-    # Move off the initial state so the test sees saved values, not values recomputed from the base model.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.mul_(1.01)
     batch = tiny_batch()
+    injected = _logits(model, batch)
+    _move_off_the_injected_state(model)
     expected = _logits(model, batch)
+    assert not torch.equal(expected, injected)  # else a loader that re-injects would pass
     model.save_pretrained(tmp_path)
 
     loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
     assert torch.equal(_logits(loaded, batch), expected)
+
+
+def _move_off_the_injected_state(model) -> None:
+    """Change every saved ZeroQAT tensor (master weights, clipping logits, scales, packed codes and zero
+    points), so a loader that recomputes any of them from the base model gives other logits."""
+    with torch.no_grad():
+        for layer in _zqat_layers(model):
+            for holder in (layer.zqat_weight, layer.zqat_scales, layer.zqat_input_scale):
+                for p in holder.values():
+                    p.mul_(1.01)
+            for holder in (layer.zqat_clip_lower, layer.zqat_clip_upper):
+                for p in holder.values():
+                    p.sub_(18.0)  # sigmoid(20) == 1 in float32; sigmoid(2) clips the range to 0.88
+            for codes in layer.zqat_qweight.values():
+                codes.bitwise_xor_(1)  # the lowest bit of each word: a valid code of the first row
+            for zeros in layer.zqat_zeros.values():
+                zeros.bitwise_xor_(1)  # stays in [0, 2**bits - 1]
 
 
 def test_adapter_files_hold_packed_integers(tmp_path):
@@ -147,7 +164,170 @@ def test_fake_quant_forward_matches_packed_forward():
     assert torch.equal(layer(x), before)
 
 
+def _smoothed_model(a_bits: int = 8):
+    """A weight-activation adapter whose layers carry (random, positive) smoothing scales, as calibration
+    leaves them: (x / s) @ Q(W s)^T."""
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=4, a_bits=a_bits, group_size=32, init="calibrate"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in _zqat_layers(model):
+            inverse = layer.zqat_input_scale["default"]
+            inverse.copy_(torch.rand(inverse.shape, generator=gen) * 1.5 + 0.25)
+    return model
+
+
+def test_merge_and_unload_keeps_the_function_of_a_smoothed_adapter(monkeypatch):
+    from zqat_peft.tuner import layer as layer_module
+
+    model = _smoothed_model()
+    batch = tiny_batch()
+    # A merged model runs its activations in full precision: compare the weight side only.
+    monkeypatch.setattr(layer_module, "fake_quantize_activation", lambda x, *args, **kwargs: x)
+    expected = _logits(model, batch)
+    with pytest.warns(UserWarning, match=r"activation quantization \(a_bits=8\) is not part of a merged model"):
+        merged = model.merge_and_unload()
+    assert not _zqat_layers(merged)
+    torch.testing.assert_close(_logits(merged, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_restores_the_adapter(monkeypatch):
+    from zqat_peft.tuner import layer as layer_module
+
+    model = _smoothed_model()
+    batch = tiny_batch()
+    before = _logits(model, batch)
+    with pytest.warns(UserWarning, match="not part of a merged model"):
+        model.merge_adapter()
+    assert all(layer.merged for layer in _zqat_layers(model))
+    model.unmerge_adapter()
+    assert not any(layer.merged or layer.base_layer.weight.numel() for layer in _zqat_layers(model))
+    assert torch.equal(_logits(model, batch), before)
+
+
+def test_weight_only_merge_does_not_warn():
+    import warnings
+
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=4, group_size=32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_and_unload()
+    assert not [w for w in caught if "merged model" in str(w.message)]
+
+
+def test_packed_trained_layer_survives_save_and_load(tmp_path):
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=3, group_size=32, trainable="full"))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.zqat_weight["default"].mul_(1.05)  # as if trained: the base model alone cannot give these codes
+    layer.pack("default")
+    batch = tiny_batch()
+    expected = _logits(model, batch)
+    model.save_pretrained(tmp_path)
+
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    # peft warns about checkpoint keys that the model does not take
+    assert not [str(w.message) for w in caught if "zqat_" in str(w.message)]
+    loaded_layer = loaded.base_model.model.model.layers[0].self_attn.q_proj
+    assert loaded_layer.is_packed("default") and not len(loaded_layer.zqat_weight)
+    assert torch.equal(_logits(loaded, batch), expected)
+
+
+def test_symmetric_quantization_through_the_tuner():
+    """A packed symmetric layer multiplies with absmax-scaled codes around 2**(bits-1), written out here."""
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=4, group_size=32, symmetric=True, trainable="scales"))
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    groups = tiny_model().model.layers[1].mlp.down_proj.weight.detach().reshape(128, 8, 32)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / 7
+    codes = (torch.round(groups / scale) + 8).clamp(0, 15)
+    reference = ((codes - 8) * scale).reshape(128, 256)
+    assert layer.is_packed("default")
+    assert torch.equal(layer.zqat_zeros["default"], torch.full((128, 8), 8, dtype=torch.uint8))
+    assert torch.equal(layer.quantized_weight("default"), reference)
+    x = torch.randn(2, 3, 256)
+    torch.testing.assert_close(layer(x), x @ reference.t())
+
+
+def test_kv_bits_leave_the_queries_of_a_fused_projection_alone():
+    """GPT-NeoX's query_key_value gives [q, k, v] per head: kv_bits quantizes k and v, never q."""
+    model = get_peft_model(tiny_model("gpt_neox"), ZeroQATConfig(w_bits=8, group_size=32, kv_bits=4))
+    layer = model.base_model.model.gpt_neox.layers[0].attention.query_key_value
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        got = layer(x).reshape(2, 5, 4, 3, 32)  # 4 heads of 3 x head_dim 32
+        unquantized = torch.nn.functional.linear(x, layer.quantized_weight("default"), layer.base_layer.bias)
+    unquantized = unquantized.reshape(2, 5, 4, 3, 32)
+    assert torch.equal(got[..., 0, :], unquantized[..., 0, :])
+    assert not torch.allclose(got[..., 1:, :], unquantized[..., 1:, :], atol=1e-3)
+    for head in got[..., 1:, :].reshape(-1, 32):  # 4 bits: at most 16 levels per token and head
+        assert len(head.unique()) <= 16
+
+
+def test_kv_bits_leave_the_queries_of_phi3_qkv_alone():
+    """Phi-3's qkv_proj gives all query heads, then the key heads, then the value heads."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     pad_token_id=0)
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config),
+                           ZeroQATConfig(w_bits=8, group_size=32, kv_bits=4))
+    layer = model.base_model.model.model.layers[0].self_attn.qkv_proj
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        got = layer(x)
+        unquantized = torch.nn.functional.linear(x, layer.quantized_weight("default"), layer.base_layer.bias)
+    assert torch.equal(got[..., :128], unquantized[..., :128])  # 4 query heads of 32
+    assert not torch.allclose(got[..., 128:], unquantized[..., 128:], atol=1e-3)
+
+
+def test_kv_bits_of_separate_projections_quantize_keys_and_values_only():
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=8, group_size=32, kv_bits=4))
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert [attn.q_proj.zqat_spec["default"].out_bits, attn.k_proj.zqat_spec["default"].out_bits,
+            attn.v_proj.zqat_spec["default"].out_bits] == [16, 4, 4]
+
+
+# ----- unsupported operations ----------------------------------------------------------------------
+
+
+def test_unload_is_refused():
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=4, group_size=32))
+    with pytest.raises(RuntimeError, match=r"nothing to unload.*merge_and_unload"):
+        model.unload()
+
+
+def test_disabling_the_adapter_is_refused_and_leaves_it_working():
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=4, group_size=32))
+    batch = tiny_batch()
+    expected = _logits(model, batch)
+    with pytest.raises(RuntimeError, match=r"cannot be disabled"):
+        with model.disable_adapter():
+            _logits(model, batch)
+    assert torch.equal(_logits(model, batch), expected)
+
+
 # ----- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(trainable="partial"), r"trainable must be one of \('full', 'lightweight', 'scales'\), got 'partial'"),
+    (dict(init="gptq"), r"init must be one of \('rtn', 'calibrate'\), got 'gptq'"),
+    (dict(trainable="lightweight", trainable_modules=[]), r"trainable='lightweight' needs trainable_modules"),
+])
+def test_bad_trainable_and_init_values_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ZeroQATConfig(**kwargs)
+
+
+def test_trainable_modules_that_match_no_layer_are_refused():
+    config = ZeroQATConfig(w_bits=4, group_size=32, trainable="lightweight", trainable_modules=["qproj"])
+    with pytest.raises(ValueError, match=r"trainable_modules \['qproj'\] match none of the quantized layers"):
+        get_peft_model(tiny_model(), config)
 
 
 def test_unsupported_bits_are_refused():

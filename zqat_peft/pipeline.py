@@ -134,17 +134,11 @@ def attach_adapter(base, adapter_dir: str | os.PathLike, model_name: str, traina
 @torch.no_grad()
 def merge_for_export(model) -> tuple[torch.nn.Module, bool]:
     """``merge_and_unload()`` into a plain transformers model; returns it and whether smoothing scales were
-    folded in. A smoothed layer computes (x / s) @ Q(W s)^T; a plain Linear has no input scale, so its
-    merged weight becomes Q(W s) diag(1/s) (the same function; on the grid up to a per-input-channel scale)."""
-    base = model.get_base_model()
-    input_scales = {name: scale.detach().clone() for name, layer in base.named_modules()
-                    if isinstance(layer, ZQATLinear) for scale in layer.zqat_input_scale.values()}
-    merged = model.merge_and_unload()
-    for name, scale in input_scales.items():
-        weight = merged.get_submodule(name).weight
-        weight.mul_(scale.to(weight.device, weight.dtype))
-    smoothed = any(not torch.all(scale == 1) for scale in input_scales.values())
-    return merged, smoothed
+    folded in (each smoothed layer's merge writes Q(W s) diag(1/s): the same function, on the grid only up
+    to a per-input-channel scale)."""
+    smoothed = any(not torch.all(scale == 1) for layer in model.get_base_model().modules()
+                   if isinstance(layer, ZQATLinear) for scale in layer.zqat_input_scale.values())
+    return model.merge_and_unload(), smoothed
 
 
 def corpus_tokens(tokenizer, source: str, split: str) -> torch.Tensor:

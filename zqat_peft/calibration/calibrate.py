@@ -6,7 +6,9 @@ quantization, a smoothing scale s per group of layers that share an input, initi
 SmoothQuant-style from activation maxima) are trained with Adam to minimise the MSE between the
 quantized block's output and that target. Then s is folded into the master weights, frozen layers
 are packed, and the quantized block's outputs become the next block's inputs. Peak memory is one
-block plus the cached hidden states of the calibration set.
+block plus the cached hidden states of the calibration set. Targeted layers outside the blocks
+(OPT's project_in / project_out) get the clipping grid's best start only, and are packed if frozen,
+so a calibrated model holds no frozen float layer.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def calibrate(
     blocks = find_decoder_blocks(model)
     was_training = model.training
     model.eval()
+    quantize_layers_outside_blocks(model, blocks, adapter)  # before the first block's inputs pass through them
     inputs = capture_first_block_inputs(model, blocks[0], batches)
     home = inputs[0].hidden.device
     device = torch.device(device) if device is not None else home
@@ -73,6 +76,18 @@ def calibrate(
     config.calibrated = True
     model.train(was_training)
     return model
+
+
+@torch.no_grad()
+def quantize_layers_outside_blocks(model: nn.Module, blocks: nn.ModuleList, adapter: str) -> None:
+    """Layers outside the decoder blocks (OPT's project_in / project_out) have no block output to calibrate
+    against: they get the grid clipping with the least weight error, and the frozen ones are packed."""
+    in_blocks = {id(m) for m in blocks.modules()}
+    for layer in model.modules():
+        if isinstance(layer, ZQATLinear) and id(layer) not in in_blocks and not layer.is_packed(adapter):
+            init_clipping(layer, adapter)
+            if not layer.is_trained(adapter):
+                layer.pack(adapter)
 
 
 def calibrate_block(

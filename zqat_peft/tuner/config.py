@@ -30,6 +30,14 @@ class ZeroQATConfig(PeftConfig):
     default), the rest packed and frozen; ``"scales"`` every layer packed, only the per-group scales
     are trained (QZO-style).
 
+    ``kv_bits < 16`` fake-quantizes the *outputs of the key and value projections* (``kv_modules``), per
+    token and attention head. That is where ZeroQAT's layers sit: transformers applies rotary position
+    embeddings (LLaMA, Qwen2, Mistral, Gemma, GPT-NeoX, Phi) after the projection, so keys are quantized
+    *before* RoPE, as a cache that stores pre-RoPE keys would (KVQuant), not after it as OmniQuant/QuaRot
+    quantize the cached keys; values, and the keys of models without rotary embeddings (OPT), are exactly
+    what the cache holds. Queries are never quantized: for a fused query/key/value projection (GPT-NeoX's
+    ``query_key_value``, Phi-3's ``qkv_proj``) only its key and value heads are.
+
     ``init="rtn"`` packs frozen layers right away (round-to-nearest). ``init="calibrate"`` keeps them in
     float form until `zqat_peft.calibrate(model, data)` has learned clipping (and smoothing), then packs
     them and sets ``calibrated=True``; a model loaded from such a checkpoint is rebuilt packed.
@@ -39,7 +47,10 @@ class ZeroQATConfig(PeftConfig):
     a_bits: int = field(default=16, metadata={"help": f"Activation bits, one of {ACT_BITS}; 16 = weight-only."})
     kv_bits: int = field(
         default=16,
-        metadata={"help": "Bits of the key/value projections' outputs (the KV cache), per token and head; 16 = off."},
+        metadata={
+            "help": "Bits of the key/value projections' outputs, per token and head (before rotary embeddings); "
+            "16 = off. See the class docstring for how this relates to a quantized KV cache."
+        },
     )
     group_size: int = field(
         default=128, metadata={"help": "Weights per quantization group along the input dimension; -1 = per channel."}

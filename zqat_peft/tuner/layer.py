@@ -21,6 +21,7 @@ The layer knows nothing of training.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -56,6 +57,10 @@ class LayerQuantSpec:
     out_bits: int  # 16 = output not quantized (keys/values)
     out_group_size: int  # per attention head along the output
     smooth: bool = False  # holds a per-input-channel scale (smoothing)
+    # A fused query/key/value projection: its output is blocks of `out_block_heads` heads whose first
+    # `out_query_heads` are queries, which stay in full precision. 0 = every output head is a key or value.
+    out_block_heads: int = 0
+    out_query_heads: int = 0
 
 
 class ZQATLayer(BaseTunerLayer):
@@ -186,6 +191,7 @@ class ZQATLinear(nn.Module, ZQATLayer):
         ZQATLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, spec, trained=trained, train_scales=train_scales)
+        self.register_load_state_dict_pre_hook(_pack_before_loading_packed_state)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -206,26 +212,85 @@ class ZQATLinear(nn.Module, ZQATLayer):
         x = fake_quantize_activation(x, spec.a_bits)
         y = F.linear(x, self.quantized_weight(adapter, dtype=x.dtype), self.base_layer.bias)
         if spec.out_bits < 16:
-            y = fake_quantize_activation(y, spec.out_bits, spec.out_group_size)
+            y = fake_quantize_keys_values(y, spec)
         return y
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write the quantized weight into the base layer (which then runs without fake quantization)."""
+        """Write the weight this layer multiplies with into the base layer (which then runs as a plain Linear).
+
+        A smoothed layer computes (x / s) @ Q(W s)^T; a plain Linear has no input scale, so the merged
+        weight is Q(W s) diag(1/s): the same function, on the grid up to a per-input-channel scale.
+        Activation quantization cannot be part of a plain Linear: merging warns that it is dropped.
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
         adapter = adapter_names[0]
         base = self.get_base_layer()
-        weight = self.quantized_weight(adapter, dtype=base.weight.dtype).detach()
+        weight = self.merged_weight(adapter).to(base.weight.dtype)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"The quantized weight of adapter {adapter!r} holds NaN/inf: refusing to merge it.")
+        _warn_if_activations_are_quantized(self.zqat_spec[adapter])
         base.weight = nn.Parameter(weight, requires_grad=False)
         self.merged_adapters.append(adapter)
 
+    @torch.no_grad()
+    def merged_weight(self, adapter_name: str) -> torch.Tensor:
+        """The plain Linear weight with this layer's function, float32 [out, in]: the quantized weight with
+        the input scale (1/s) folded into its columns."""
+        weight = self.quantized_weight(adapter_name, dtype=torch.float32)
+        if adapter_name in self.zqat_input_scale:
+            weight = weight * self.zqat_input_scale[adapter_name].float()
+        return weight
+
     def unmerge(self) -> None:
+        """Free the merged weight again: the layer runs from its own (never modified) quantized storage."""
         base = self.get_base_layer()
         base.weight = nn.Parameter(base.weight.data.new_empty(0), requires_grad=False)
         self.merged_adapters = []
 
     def __repr__(self) -> str:
         return "zqat." + super().__repr__()
+
+
+def fake_quantize_keys_values(y: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """Fake-quantize a key/value projection's output [..., out] per token and head at ``spec.out_bits``;
+    the query heads of a fused projection pass unchanged."""
+    if spec.out_query_heads == 0:
+        return fake_quantize_activation(y, spec.out_bits, spec.out_group_size)
+    head_dim = spec.out_group_size
+    blocks = y.unflatten(-1, (-1, spec.out_block_heads * head_dim))
+    split = [spec.out_query_heads * head_dim, (spec.out_block_heads - spec.out_query_heads) * head_dim]
+    queries, keys_values = blocks.split(split, dim=-1)
+    keys_values = fake_quantize_activation(keys_values.contiguous(), spec.out_bits, head_dim)
+    return torch.cat([queries, keys_values], dim=-1).flatten(-2)
+
+
+# What a packed layer saves (besides its spec); a float layer saves its master weight and clipping logits instead.
+PACKED_STATE_NAMES = ("zqat_qweight", "zqat_scales", "zqat_zeros")
+
+
+def _pack_before_loading_packed_state(layer: ZQATLinear, state_dict: dict, prefix: str, *args: Any) -> None:
+    """A checkpoint can hold packed codes for a layer that a fresh injection keeps in float form (a trained
+    layer packed after training): pack the layer first, so the saved codes, scales and zero points load
+    into storage of their shape instead of being dropped."""
+    for adapter in layer.zqat_spec:
+        for name in PACKED_STATE_NAMES:
+            # peft names checkpoint keys after the model's keys that exist before loading; storage that
+            # only packing creates arrives without the adapter name.
+            bare = f"{prefix}{name}"
+            if bare in state_dict:
+                state_dict[f"{bare}.{adapter}"] = state_dict.pop(bare)
+        holds_codes = f"{prefix}zqat_qweight.{adapter}" in state_dict
+        if holds_codes and not layer.is_packed(adapter):
+            layer.pack(adapter)
+
+
+def _warn_if_activations_are_quantized(spec: LayerQuantSpec) -> None:
+    dropped = [f"{name}={bits}" for name, bits in (("a_bits", spec.a_bits), ("kv_bits", spec.out_bits)) if bits < 16]
+    if dropped:
+        warnings.warn(
+            f"activation quantization ({', '.join(dropped)}) is not part of a merged model: the merged layers run "
+            "their activations in full precision. Keep the adapter (PeftModel) to evaluate with it.",
+            stacklevel=3,
+        )

@@ -44,14 +44,21 @@ class ZeroQATModel(BaseTuner):
                 f"{current_key} is a {type(target).__name__}; ZeroQAT quantizes nn.Linear layers only. "
                 "Remove it from target_modules or add it to exclude_modules."
             )
+        quantizes_output = config.quantizes_output(current_key)
+        head_dim = self._head_dim(target.out_features)
+        block_heads, query_heads = (
+            self._fused_qkv_layout(target.out_features, head_dim, current_key) if quantizes_output else (0, 0)
+        )
         spec = LayerQuantSpec(
             w_bits=config.w_bits,
             group_size=resolve_group_size(config.group_size, target.in_features, current_key),
             symmetric=config.symmetric,
             a_bits=config.a_bits,
-            out_bits=config.kv_bits if config.quantizes_output(current_key) else 16,
-            out_group_size=self._head_dim(target.out_features),
+            out_bits=config.kv_bits if quantizes_output else 16,
+            out_group_size=head_dim,
             smooth=config.smooths,
+            out_block_heads=block_heads,
+            out_query_heads=query_heads,
         )
         new_module = ZQATLinear(
             target,
@@ -72,9 +79,37 @@ class ZeroQATModel(BaseTuner):
             head_dim = hidden // heads if heads and hidden else None
         return head_dim if head_dim and out_features % head_dim == 0 else -1
 
+    def _fused_qkv_layout(self, out_features: int, head_dim: int, key: str) -> tuple[int, int]:
+        """(heads per block, query heads per block) of a key/value projection's output: (0, 0) for a plain
+        key or value projection, the architecture's layout for a fused query/key/value projection (whose
+        queries kv_bits must leave alone)."""
+        model_config = getattr(self.model, "config", None)
+        heads = getattr(model_config, "num_attention_heads", None)
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        if head_dim <= 0 or not heads or out_features != (heads + 2 * kv_heads) * head_dim:
+            return 0, 0
+        model_type = getattr(model_config, "model_type", None)
+        if model_type in ("gpt_neox", "bloom"):  # [q, k, v] of each head in turn
+            return 3, 1
+        if model_type == "phi3":  # every query head, then the key heads, then the value heads
+            return heads + 2 * kv_heads, heads
+        raise ValueError(
+            f"{key} looks like a fused query/key/value projection of a {model_type!r} model, whose output layout "
+            "ZeroQAT does not know, so kv_bits cannot leave its queries alone. Use kv_bits=16, or leave it out of "
+            "kv_modules."
+        )
+
     def _check_new_adapter_config(self, config: ZeroQATConfig) -> None:
         if len(self.peft_config) > 1:
             raise ValueError("A model can hold one ZeroQAT adapter: quantization settings do not stack.")
+        if config.trainable == "lightweight":
+            linear_names = [name for name, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+            if not any(config.is_trained(name) for name in linear_names):
+                suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+                raise ValueError(
+                    f"trainable_modules {config.trainable_modules} match none of the quantized layers, so nothing "
+                    f"would be trained: name them by suffix, one of {suffixes}."
+                )
 
     def _post_injection_hook(self, model: nn.Module, config: ZeroQATConfig, adapter_name: str) -> None:
         if config.packs_frozen_layers:
