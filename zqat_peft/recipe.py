@@ -17,7 +17,7 @@ import torch
 import yaml
 from transformers import SchedulerType
 
-from .data import ASSETS, MODELS, TEXT_CORPORA
+from .data import ASSETS, MODELS, TEXT_CORPORA, model_asset
 from .evaluation.zeroshot import available_tasks
 from .tuner import ZeroQATConfig
 
@@ -231,7 +231,8 @@ def output_dir(recipe: dict) -> Path:
 
 def required_assets(recipe: dict) -> list[str]:
     """The zqat_peft.data assets the recipe reads (fetched before the job starts)."""
-    names = {"model"} if str(recipe["model"]).lower() in MODELS else set()
+    model = str(recipe["model"]).lower()
+    names = {model_asset(model)} if model in MODELS else set()
     sources = list(recipe["eval"]["corpora"].values())
     if recipe["task"] is None:
         sources.append(recipe["train"]["data"])
@@ -240,7 +241,7 @@ def required_assets(recipe: dict) -> list[str]:
     names |= {s for s in sources if s in TEXT_CORPORA}
     if recipe["eval"]["tasks"] or recipe["task"]:
         names.add("tasks")
-    return [a for a in ASSETS if a in names]
+    return [a for a in ASSETS if a in names] + sorted(names - set(ASSETS))  # then a model fetched on demand
 
 
 def changed_keys(before: dict, after: dict) -> list[str]:

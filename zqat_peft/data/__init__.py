@@ -17,6 +17,7 @@ from .assets import (
     is_complete,
     load_model_and_tokenizer,
     load_text,
+    model_asset,
     resolve_model_path,
     task_data_dir,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "is_complete",
     "load_model_and_tokenizer",
     "load_text",
+    "model_asset",
     "read_r_lazyload",
     "resolve_model_path",
     "split_documents",
