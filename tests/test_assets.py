@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import bz2
+import hashlib
 import io
 import json
 import os
+import shutil
 import struct
 import tarfile
 import zipfile
@@ -337,6 +339,81 @@ def test_resolve_model_path(fake, tmp_path, monkeypatch):
     assert A.resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
+def test_model_registry_entries_are_well_formed():
+    assert A.DEFAULT_MODEL in A.MODELS and A.model_asset(A.DEFAULT_MODEL.upper()) == "model"
+    assert len({src.dirname for src in A.MODELS.values()}) == len(A.MODELS)
+    for name, src in A.MODELS.items():
+        assert name == name.lower() and name not in A.ASSETS
+        assert A.model_asset(name) == ("model" if name == A.DEFAULT_MODEL else name)
+        assert src.pip_specs and len(src.pip_specs) == len(src.members), name
+        for spec, member in zip(src.pip_specs, src.members):
+            dist, _, version = spec.partition("==")
+            assert version, f"{name}: {spec!r} is not pinned"
+            # Each member lies in its own wheel's top-level package: chunks listed out of order fail here.
+            assert member.split("/")[0] == dist.replace("-", "_"), (spec, member)
+        assert src.gguf_name.endswith(".gguf")
+        assert len(src.gguf_sha256) == 64 and int(src.gguf_sha256, 16) >= 0
+    with pytest.raises(ValueError, match="unknown model"):
+        A.model_asset("gpt2")
+
+
+def _chunked_model(monkeypatch, tmp_path, sha256: str | None = None):
+    """Registers a model shipped as three chunk wheels (built locally) whose conversion only records the
+    joined GGUF file; returns the model's name, the bytes the joined file must hold and the conversions."""
+    chunks = [bytes([k]) * (1000 + k) for k in range(3)]
+    specs = tuple(f"tiny-gguf-part{k}==1.0" for k in range(3))
+    members = tuple(f"tiny_gguf_part{k}/data/tiny.gguf.part{k:02d}" for k in range(3))
+    whole = b"".join(chunks)
+    src = A._ModelSource(pip_specs=specs, members=members, dirname="tiny",
+                         gguf_sha256=sha256 or hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(A.MODELS, "tiny", src)
+    wheels = {}
+    for spec, member, chunk in zip(specs, members, chunks):
+        wheels[spec] = tmp_path / "fake_src" / f"{spec.split('==')[0].replace('-', '_')}-1.0-py3-none-any.whl"
+        wheels[spec].parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[spec], "w") as zf:
+            zf.writestr(member, chunk)
+    calls = []
+
+    def pip(spec, dest, progress=True, extra_args=()):
+        calls.append(spec)
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(wheels[spec], dest))
+
+    converted = []
+
+    def convert(gguf, out, log):
+        converted.append((gguf.name, gguf.read_bytes()))
+        (out / "config.json").write_text("{}")
+        return {"architecture": "TinyForCausalLM"}
+
+    monkeypatch.setattr(archives, "pip_download", pip)
+    monkeypatch.setattr(A, "_convert_gguf", convert)
+    return "tiny", whole, calls, converted
+
+
+def test_fetch_joins_a_chunked_model_on_demand(fake, tmp_path, monkeypatch):
+    name, whole, calls, converted = _chunked_model(monkeypatch, tmp_path)
+    out = A.fetch(name.upper(), progress=False)
+    path = tmp_path / "cache" / "models" / "tiny"
+    assert out == {name: path} and A.is_complete(name)
+    assert calls == list(A.MODELS[name].pip_specs)
+    assert converted == [("tiny.gguf", whole)]  # the chunks, joined in order
+    info = json.loads((path / A.MARKER).read_text())
+    assert info["asset"] == name and info["gguf_sha256"] == hashlib.sha256(whole).hexdigest()
+    assert A.resolve_model_path(name) == str(path) and len(calls) == 3  # cached: nothing downloaded again
+    assert not A.is_complete("model")  # a model of its own, not the default one
+
+
+def test_a_chunked_model_with_the_wrong_hash_is_not_converted(fake, tmp_path, monkeypatch):
+    name, _, _, converted = _chunked_model(monkeypatch, tmp_path, sha256="0" * 64)
+    with pytest.raises(RuntimeError, match="SHA-256 .* expected 0{64}"):
+        A.fetch(name, progress=False)
+    assert converted == [] and not A.is_complete(name)
+    assert not (tmp_path / "cache" / "models" / "tiny").exists()
+    assert not [p for p in (tmp_path / "cache").rglob(".tmp-*")]
+
+
 def test_load_text_local_files(tmp_path):
     docs = [f"document number {i} " * (i + 1) for i in range(40)]
     txt = tmp_path / "c.txt"
@@ -391,3 +468,20 @@ def test_real_assets():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
     assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+def test_real_gemma3_270m():
+    """Runs on the second registered model once it is fetched (`zqat fetch gemma3-270m`, about 240 MB)."""
+    if not A.is_complete("gemma3-270m"):
+        pytest.skip(f"gemma3-270m not fetched into {A.cache_dir()} (run `zqat fetch gemma3-270m`)")
+    info = json.loads((A.asset_path("gemma3-270m") / A.MARKER).read_text())
+    assert info["gguf_tensor_types"] == {"F32": 109, "Q4_K": 27, "Q5_0": 81, "Q6_K": 9, "Q8_0": 10}
+    model, tok = A.load_model_and_tokenizer("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    ids = tok("Paris is the capital of France. Berlin is the capital of", return_tensors="pt").input_ids
+    assert ids[0, 0] == tok.bos_token_id  # Gemma is trained with a leading <bos>
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 262_144) and torch.isfinite(logits).all()
+    assert tok.decode(logits[0, -1].argmax()).strip() == "Germany"

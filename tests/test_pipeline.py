@@ -93,6 +93,12 @@ def test_demo_recipe_is_the_w3a16g64_calibrated_job():
     assert required_assets(recipe) == ["model", "wiki"]
 
 
+def test_a_registered_model_other_than_the_default_is_a_required_asset():
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ["model=Gemma3-270M"])
+    assert required_assets(recipe) == ["wiki", "gemma3-270m"]
+    assert required_assets(load_recipe(ROOT / "recipes" / "demo.yaml", ["model=some/hub-id"])) == ["wiki"]
+
+
 # ------------------------------------------------------------------------------------------ outputs
 
 

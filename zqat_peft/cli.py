@@ -1,6 +1,6 @@
 """The ``zqat`` command: fetch assets, run a recipe, evaluate or export an adapter, run the demo.
 
-    zqat fetch [model wiki lee austen tasks]
+    zqat fetch [model wiki lee austen tasks | a registered model name]
     zqat train --recipe recipes/NAME.yaml [--resume] [key=value ...]
     zqat eval --adapter runs/NAME/adapter [--recipe recipes/NAME.yaml] [key=value ...]
     zqat export --adapter runs/NAME/adapter --out DIR
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from .data import ASSETS, fetch
+from .data import ASSETS, DEFAULT_MODEL, MODELS, fetch
 from .pipeline import (
     AssetError, evaluate, load_adapter, merge_for_export, pick_device, prepare_eval_data, resume_state, run,
 )
@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fetch", help="download and prepare models, corpora and zero-shot task data")
-    f.add_argument("what", nargs="*", help="assets: model wiki lee austen tasks (default: all)")
+    f.add_argument("what", nargs="*", help=f"assets: model wiki lee austen tasks (default: all), or a model "
+                                           f"fetched only on demand: {' '.join(m for m in MODELS if m != DEFAULT_MODEL)}")
     f.set_defaults(func=cmd_fetch)
 
     t = sub.add_parser("train", help="run a recipe: FP / RTN / init / ZeroQAT evaluation, into runs/NAME/")

@@ -19,7 +19,7 @@ import torch
 import yaml
 from transformers import SchedulerType
 
-from .data import ASSETS, MODELS, TEXT_CORPORA, check_model_source, check_text_source
+from .data import ASSETS, MODELS, TEXT_CORPORA, check_model_source, check_text_source, model_asset
 from .evaluation.zeroshot import available_tasks
 from .files import check_adapter, read_yaml
 from .tuner import ZeroQATConfig
@@ -358,11 +358,12 @@ def output_dir(recipe: dict) -> Path:
 
 def required_assets(recipe: dict) -> list[str]:
     """The zqat_peft.data assets the recipe reads (fetched before the job starts)."""
-    names = {"model"} if str(recipe["model"]).lower() in MODELS else set()
+    model = str(recipe["model"]).lower()
+    names = {model_asset(model)} if model in MODELS else set()
     names |= {s for s in text_sources(recipe) if s in TEXT_CORPORA}
     if recipe["eval"]["tasks"] or recipe["task"]:
         names.add("tasks")
-    return [a for a in ASSETS if a in names]
+    return [a for a in ASSETS if a in names] + sorted(names - set(ASSETS))  # then a model fetched on demand
 
 
 def text_sources(recipe: dict) -> list[str]:

@@ -20,6 +20,7 @@ from .assets import (
     is_complete,
     load_model_and_tokenizer,
     load_text,
+    model_asset,
     resolve_model_path,
     task_data_dir,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "is_complete",
     "load_model_and_tokenizer",
     "load_text",
+    "model_asset",
     "read_r_lazyload",
     "resolve_model_path",
     "split_documents",

