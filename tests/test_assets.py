@@ -325,6 +325,7 @@ def test_resolve_model_path(fake, tmp_path, monkeypatch):
         calls.append(tuple(what))
         p = A.asset_path("model")
         p.mkdir(parents=True)
+        (p / "config.json").write_text("{}")
         (p / A.MARKER).write_text(json.dumps({"asset": "model", "version": A._ASSET_VERSIONS["model"]}))
         return {"model": p}
 
@@ -334,9 +335,16 @@ def test_resolve_model_path(fake, tmp_path, monkeypatch):
     assert A.resolve_model_path("SmolLM2-135M") == expected and calls == [("model",)]  # cached now
     local = tmp_path / "my_model"
     local.mkdir()
+    with pytest.raises(FileNotFoundError, match="my_model/config.json does not exist"):
+        A.resolve_model_path(str(local))  # not a model folder
+    (local / "config.json").write_text("{}")
     assert A.resolve_model_path(str(local)) == str(local)
     assert A.resolve_model_path(local) == str(local)
+    monkeypatch.setattr(A, "hub_reachable", lambda timeout=3.0: True)
     assert A.resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    monkeypatch.setattr(A, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ConnectionError, match="Hub cannot be reached"):
+        A.resolve_model_path("no-such-org/no-such-model")  # at once, not after a minute of retries
 
 
 def test_model_registry_entries_are_well_formed():
