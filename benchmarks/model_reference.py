@@ -1,7 +1,8 @@
 """Reference figures of the registered models: size, full-precision wiki perplexity, CPU forward time.
 
 For each model: parameter count, token-level perplexity of the first 16 windows of 512 tokens of the
-Wikipedia test split (the demo's evaluation subset; text joined with "\\n\\n"), and the median wall time
+Wikipedia test split (the demo's evaluation subset; text joined with "\\n\\n") and the bits per character
+it amounts to (comparable across tokenizers), and the median wall time
 of a no-grad forward pass over a batch of 4 x 128 tokens (fp32, ``torch.get_num_threads()`` threads, after
 one warm-up pass). The timed passes of all models are interleaved (one pass of each model per round), so
 that their ratio to the first model holds even when the machine's load changes during the run. Models
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -55,13 +57,17 @@ def load_and_score(name: str, windows: int) -> tuple[torch.nn.Module, dict]:
     marker = Path(path) / "_asset.json"
     info = json.loads(marker.read_text()) if marker.is_file() else {}
     test_windows = token_windows(encode_joined(tokenizer, load_text("wiki", "test")), 512, windows)
+    ppl = perplexity(model, test_windows)
+    # Per-token perplexities of tokenizers of different vocabularies do not compare; bits per character do.
+    chars = len(tokenizer.decode(test_windows.flatten(), skip_special_tokens=True))
     return model, {
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "gguf_tensor_types": info.get("gguf_tensor_types"),
         "converted_bytes": info.get("bytes"),
         "load_s": load_s,
-        "wiki_ppl_16x512": perplexity(model, test_windows),
+        "wiki_ppl_16x512": ppl,
+        "wiki_bits_per_char": test_windows.numel() * math.log2(ppl) / chars,
     }
 
 
@@ -86,12 +92,13 @@ def main() -> None:
         results[name]["forward_4x128_s"] = seconds[name]
         results[name]["forward_vs_first"] = seconds[name] / seconds[first]
 
-    print(f"\n| model | architecture | parameters | wiki ppl (16 x 512) | forward 4 x 128 (s) | vs {first} |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| model | architecture | parameters | wiki ppl (16 x 512) | bits/char | forward 4 x 128 (s) | "
+          f"vs {first} |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         r = results[name]
         print(f"| {name} | {r['architecture']} | {r['parameters']:,} | {r['wiki_ppl_16x512']:.2f} | "
-              f"{r['forward_4x128_s']:.2f} | {r['forward_vs_first']:.2f}x |")
+              f"{r['wiki_bits_per_char']:.3f} | {r['forward_4x128_s']:.2f} | {r['forward_vs_first']:.2f}x |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fetch", help="download and prepare models, corpora and zero-shot task data")
+    on_demand = " ".join(m for m in MODELS if m != DEFAULT_MODEL)
     f.add_argument("what", nargs="*", help=f"assets: model wiki lee austen tasks (default: all), or a model "
-                                           f"fetched only on demand: {' '.join(m for m in MODELS if m != DEFAULT_MODEL)}")
+                                           f"fetched only on demand: {on_demand}")
     f.set_defaults(func=cmd_fetch)
 
     t = sub.add_parser("train", help="run a recipe: FP / RTN / init / ZeroQAT evaluation, into runs/NAME/")
