@@ -390,7 +390,8 @@ def test_two_processes_end_with_bit_identical_weights(tmp_path):
     start = trained_state(zqat_llama("lightweight"))
     assert any(not torch.equal(w0[n], start[n]) for n in w0)
     # The all-reduced step is the one-process step on the two ranks' batches together: at every step's
-    # starting weights, one process's projected gradient on the doubled batch equals the recorded one.
+    # starting weights, one process's projected gradient on the doubled batch equals the recorded one, up
+    # to the float32 rounding of the losses (a few ulps of L, divided by 2 eps).
     trajectory = Trajectory.from_state_dict(torch.load(tmp_path / "trajectory-rank0.pt"))
     model = zqat_llama("lightweight")
     params = zo_parameters(model)
@@ -400,7 +401,8 @@ def test_two_processes_end_with_bit_identical_weights(tmp_path):
         (seed,), (recorded,) = trajectory.seeds[step], trajectory.grads[step]
         loss_pos, loss_neg = spsa_losses(params, lambda: model(**batch).loss, seed, trajectory.eps)
         one_process = (loss_pos.double() - loss_neg.double()).item() / (2 * trajectory.eps)
-        assert recorded != 0 and abs(one_process - recorded) <= 1e-3 * abs(recorded), (step, one_process, recorded)
+        rounding = 4 * torch.finfo(torch.float32).eps * loss_pos.item() / (2 * trajectory.eps)
+        assert abs(recorded) > 5 * rounding and abs(one_process - recorded) <= rounding, (step, one_process, recorded)
         replay_trajectory(model, Trajectory(**{**trajectory.state_dict(), **_one_step(trajectory, step)}))
 
 
