@@ -313,6 +313,42 @@ def test_packed_linear_orchestration(bits):
         kernels.packed_linear_cuda(x, qweight, scale, zeros, bits, in_f, tile_rows=48, ext=fake)
 
 
+class _ReportsCuda(torch.Tensor):
+    """A CPU tensor that reports itself as a CUDA tensor: drives the CUDA dispatch decisions without a GPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def _packed_layer(bits, out_f=48, in_f=200, group=40, seed=0):
+    """(codes, qweight, scale, zeros) of a random [out_f, in_f] weight quantized with groups of ``group``."""
+    torch.manual_seed(seed)
+    w = torch.randn(out_f, in_f)
+    scale, zero = weight_qparams(w, bits, group, symmetric=False)
+    codes = quantize_weight(w, scale, zero, bits)
+    return codes, pack_int(codes.t(), bits), scale, zero.to(torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_packed_dispatches_the_cuda_kernel(monkeypatch, bits):
+    """Packed codes on CUDA are dequantized by the kernel (int32 codes must not turn the kernel away)."""
+    from zqat_peft.quant import dequantize_packed, primitives
+
+    codes, qweight, scale, zeros = _packed_layer(bits)
+    fake = _EmulatedPackedExt()
+    monkeypatch.setattr(primitives, "cuda_ext", lambda: fake)
+    on_cuda = [t.as_subclass(_ReportsCuda) for t in (qweight, scale, zeros)]
+    w = dequantize_packed(*on_cuda, bits, 200, dtype=torch.bfloat16)
+    assert fake.calls == [("dequant", 0, 200)]
+    assert _same_bits(w.contiguous(), dequantize_weight(codes, scale, zeros, dtype=torch.bfloat16))
+    # Scales that need a gradient take the PyTorch path (the kernel has no backward); so does a CPU tensor.
+    trainable = scale.clone().requires_grad_(True).as_subclass(_ReportsCuda)
+    dequantize_packed(on_cuda[0], trainable, on_cuda[2], bits, 200)
+    dequantize_packed(qweight, scale, zeros, bits, 200)
+    assert len(fake.calls) == 1
+
+
 # ----------------------------------------------------------------------------- CUDA (GPU machines only)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -18,6 +18,7 @@ GPTQ's ``qweight`` is ``[in * bits / 32, out]``, so callers pack the transposed 
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -26,6 +27,8 @@ from .primitives import check_weight_bits, cuda_kernels_for, dequantize_weight
 
 _ROWS_PER_CHUNK = 32
 _WORD_BITS = 32
+# What the packed CUDA kernels write.
+_KERNEL_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def packed_shape(rows: int, cols: int, bits: int) -> tuple[int, int]:
@@ -115,16 +118,28 @@ def unpack_int(packed: Tensor, bits: int, rows: int) -> Tensor:
     return codes[:rows].to(torch.uint8)
 
 
+def packed_cuda_kernels_for(qweight: Tensor, scale: Tensor, zero: Tensor) -> Optional[Any]:
+    """The CUDA extension when its packed-weight kernels take these tensors: int32 codes, float32 scales
+    and uint8 zeros, contiguous on CUDA, no gradient needed; else None (the PyTorch path runs).
+
+    The scales decide (``cuda_kernels_for`` checks the dtype of its first tensor only): the codes are
+    int32, a dtype the elementwise kernels never take, and must not turn the packed kernels away.
+    """
+    if qweight.dtype != torch.int32 or scale.dtype != torch.float32 or zero.dtype != torch.uint8:
+        return None
+    return cuda_kernels_for(scale, qweight, zero)
+
+
 def dequantize_packed(
     qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """The weight [out, in] of GPTQ-packed codes: ``dequantize_weight(unpack_int(qweight).t(), scale, zero)``.
 
-    On CUDA (no autograd, float32 scales) one kernel unpacks and dequantizes into W^T, returned as a
-    transposed view; it computes the same bits.
+    On CUDA (no autograd, float32 scales, uint8 zeros) one kernel unpacks and dequantizes into W^T,
+    returned as a transposed view; it computes the same bits.
     """
-    ext = cuda_kernels_for(qweight, scale, zero) if scale.dtype == torch.float32 else None
-    if ext is not None and zero.dtype == torch.uint8 and dtype in (torch.float32, torch.bfloat16, torch.float16):
+    ext = packed_cuda_kernels_for(qweight, scale, zero) if dtype in _KERNEL_OUT_DTYPES else None
+    if ext is not None:
         wt = torch.empty(in_features, qweight.shape[1], dtype=dtype, device=qweight.device)
         ext.dequant_packed(qweight, scale, zero, wt, bits, in_features, 0)
         return wt.t()
