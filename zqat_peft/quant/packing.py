@@ -21,8 +21,10 @@ import math
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .. import kernels
 from .primitives import check_weight_bits, cuda_kernels_for, dequantize_weight
 
 _ROWS_PER_CHUNK = 32
@@ -145,3 +147,42 @@ def dequantize_packed(
         return wt.t()
     codes = unpack_int(qweight, bits, in_features).t()
     return dequantize_weight(codes, scale, zero, dtype=dtype)
+
+
+def packed_linear(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, in_features: int, bias: Optional[Tensor] = None
+) -> Tensor:
+    """``F.linear(x, dequantize_packed(qweight, scales, zeros, bits, in_features, x.dtype), bias)``, on a kernel
+    that never holds the whole float weight where one is built.
+
+    Args:
+        x: [..., in_features], float32 or bfloat16 for the CPU kernel (float16 too on CUDA).
+        qweight, scales, zeros: the packed layer (int32 codes, float32 [out, n_groups], uint8 [out, n_groups]);
+            ``scales`` is read at call time, so a perturbed tensor swapped in for it is what the kernel sees.
+        bias: [out] in x's dtype, or None.
+
+    Returns:
+        [..., out] in x's dtype: the reference up to the GEMM's summation order (the decoded weights are the
+        same bits). The kernels take no gradient: when x, scales or bias needs one, or no kernel is built for
+        x's device and dtype (``ZQAT_NO_EXT=1``), the PyTorch reference above runs.
+    """
+    if packed_kernel_for(x, qweight, scales, zeros, bias) is not None:
+        return torch.ops.zqat.packed_linear(x, qweight, scales, zeros, bias, bits, in_features)
+    return F.linear(x, dequantize_packed(qweight, scales, zeros, bits, in_features, dtype=x.dtype), bias)
+
+
+def packed_kernel_for(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None
+) -> Optional[Any]:
+    """The extension ``zqat::packed_linear`` will run for these tensors, or None where the reference must run."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scales, bias)):
+        return None
+    if bias is not None and bias.dtype != x.dtype:
+        return None
+    if x.is_cuda:
+        return packed_cuda_kernels_for(qweight, scales, zeros) if x.dtype in _KERNEL_OUT_DTYPES else None
+    if x.device.type != "cpu" or x.dtype not in kernels.CpuPackedKernels.DTYPES:
+        return None
+    if qweight.dtype != torch.int32 or scales.dtype != torch.float32 or zeros.dtype != torch.uint8:
+        return None
+    return kernels.cpu_packed_ext()
