@@ -1,5 +1,6 @@
-"""Compiled kernels (cuda_ext/): the CPU noise kernel against the PyTorch definition, the loaders, an nvcc
-compile check of the CUDA kernels, and CUDA tests that run where a GPU is present."""
+"""Compiled kernels (zqat_peft/cuda_ext/): the CPU noise kernel against the PyTorch definition, the CPU packed
+linear kernel against the PyTorch reference, the dispatch to both, the loaders and the wheel that ships their
+sources, an nvcc compile check of the CUDA kernels, and CUDA tests that run where a GPU is present."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from zqat_peft.noise import add_scaled_noise, add_scaled_noise_, param_key, zo_n
 
 from .test_noise import PINNED
 
-CUDA_EXT_DIR = Path(__file__).resolve().parent.parent / "cuda_ext"
+REPO = Path(__file__).resolve().parent.parent
+CUDA_EXT_DIR = REPO / "zqat_peft" / "cuda_ext"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (seed, key, scale): zero, negative, tiny (float32 0 after rounding, but not 0), large seeds and keys
 CASES = [
@@ -63,13 +65,16 @@ def pytorch_path(monkeypatch):
     return run
 
 
+_LOADERS = (kernels.cpu_noise_ext, kernels.cpu_packed_ext, kernels.cuda_ext)
+
+
 @pytest.fixture
 def fresh_loaders():
-    kernels.cpu_noise_ext.cache_clear()
-    kernels.cuda_ext.cache_clear()
+    for loader in _LOADERS:
+        loader.cache_clear()
     yield
-    kernels.cpu_noise_ext.cache_clear()
-    kernels.cuda_ext.cache_clear()
+    for loader in _LOADERS:
+        loader.cache_clear()
 
 
 # ----------------------------------------------------------------------------- (a) CPU kernel
@@ -173,6 +178,7 @@ def test_no_ext_env_disables_extensions(fresh_loaders, monkeypatch):
     kernels.cpu_noise_ext.cache_clear()
     assert kernels.extensions_disabled()
     assert kernels.cpu_noise_ext() is None
+    assert kernels.cpu_packed_ext() is None
     assert kernels.cuda_ext() is None
     p = torch.randn(1000)
     expected = p + zo_noise(5, 6, 1000) * noise._f32(0.125)
@@ -217,8 +223,31 @@ def test_loader_without_sources(fresh_loaders, monkeypatch):
 def test_sources_resolve_next_to_the_package():
     folder = kernels.ext_sources_dir()
     assert folder is not None and folder.resolve() == CUDA_EXT_DIR.resolve()
-    for name in ("zo_noise_cpu.cpp", "zqat_kernels.cu", "zqat_kernels.h", "zqat_kernels_bind.cpp", "README.md"):
+    for name in KERNEL_SOURCES:
         assert (folder / name).is_file(), name
+
+
+KERNEL_SOURCES = ("zo_noise_cpu.cpp", "packed_linear_cpu.cpp", "zqat_kernels.cu", "zqat_kernels.h",
+                  "zqat_kernels_bind.cpp", "README.md")
+
+
+def test_wheel_carries_the_kernel_sources(tmp_path):
+    """A wheel built from the project holds every kernel source where ext_sources_dir() looks for them."""
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "zqat_peft", src / "zqat_peft", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+           str(src), "-w", str(tmp_path / "dist")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"pip wheel failed:\n{res.stdout}\n{res.stderr}"
+    (wheel,) = (tmp_path / "dist").glob("zqat_peft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = [n for n in KERNEL_SOURCES if f"zqat_peft/cuda_ext/{n}" not in names]
+    assert not missing, f"the wheel lacks {missing}"
 
 
 # ----------------------------------------------------------------------------- (b) nvcc compile check
@@ -311,6 +340,271 @@ def test_packed_linear_orchestration(bits):
     assert torch.allclose(y1, F.linear(x[:1, :1], wq), atol=1e-5)
     with pytest.raises(ValueError):
         kernels.packed_linear_cuda(x, qweight, scale, zeros, bits, in_f, tile_rows=48, ext=fake)
+
+
+class _ReportsCuda(torch.Tensor):
+    """A CPU tensor that reports itself as a CUDA tensor: drives the CUDA dispatch decisions without a GPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def _packed_layer(bits, out_f=48, in_f=200, group=40, seed=0):
+    """(codes, qweight, scale, zeros) of a random [out_f, in_f] weight quantized with groups of ``group``."""
+    torch.manual_seed(seed)
+    w = torch.randn(out_f, in_f)
+    scale, zero = weight_qparams(w, bits, group, symmetric=False)
+    codes = quantize_weight(w, scale, zero, bits)
+    return codes, pack_int(codes.t(), bits), scale, zero.to(torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_packed_dispatches_the_cuda_kernel(monkeypatch, bits):
+    """Packed codes on CUDA are dequantized by the kernel (int32 codes must not turn the kernel away)."""
+    from zqat_peft.quant import dequantize_packed, primitives
+
+    codes, qweight, scale, zeros = _packed_layer(bits)
+    fake = _EmulatedPackedExt()
+    monkeypatch.setattr(primitives, "cuda_ext", lambda: fake)
+    on_cuda = [t.as_subclass(_ReportsCuda) for t in (qweight, scale, zeros)]
+    w = dequantize_packed(*on_cuda, bits, 200, dtype=torch.bfloat16)
+    assert fake.calls == [("dequant", 0, 200)]
+    assert _same_bits(w.contiguous(), dequantize_weight(codes, scale, zeros, dtype=torch.bfloat16))
+    # Scales that need a gradient take the PyTorch path (the kernel has no backward); so does a CPU tensor.
+    trainable = scale.clone().requires_grad_(True).as_subclass(_ReportsCuda)
+    dequantize_packed(on_cuda[0], trainable, on_cuda[2], bits, 200)
+    dequantize_packed(qweight, scale, zeros, bits, 200)
+    assert len(fake.calls) == 1
+
+
+# ----------------------------------------------------------------------------- CPU packed linear kernel
+
+
+def _have_toolchain() -> bool:
+    return shutil.which("ninja") is not None and (shutil.which("c++") or shutil.which("g++")) is not None
+
+
+@pytest.fixture(scope="module")
+def packed_ext():
+    """The real CPU packed-linear kernel. Where a compiler and ninja exist it must build: a build failure
+    there is a failure, not a skip (the layers would silently run the PyTorch path)."""
+    if kernels.extensions_disabled():
+        pytest.skip("ZQAT_NO_EXT is set")
+    e = kernels.cpu_packed_ext()
+    if e is None:
+        assert not _have_toolchain(), "a C++ compiler and ninja are here, but the CPU packed kernel did not build"
+        pytest.skip("no C++ compiler or ninja: the CPU packed kernel cannot be built here")
+    return e
+
+
+def _summation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|x| @ |W|^T * 2 K u (u = 2**-24): how far two float32 sums of the same K products, taken in different
+    orders, can lie apart (each lies within K u |x| |W|^T of the exact sum)."""
+    k = x.shape[-1]
+    return (x.double().abs() @ w.double().abs().t()) * (2 * k * 2.0**-24)
+
+
+def _check_against_reference(y, x, codes, scale, zeros, bias):
+    """y against the PyTorch reference, F.linear(x, dequantize_weight(codes, ...), bias), in x's dtype.
+
+    float32: the kernel decodes the same weight bits, so the two differ only by the GEMM's summation order:
+    |y - ref| <= 2 K u |x| |W|^T (+ 1e-30 for the all-zero rows). bfloat16: both round their float32 sum to
+    bfloat16 once, so on top of that they may differ by one bfloat16 step of the output (2**-7 relative)."""
+    w = dequantize_weight(codes, scale, zeros, dtype=x.dtype)
+    ref = F.linear(x, w, bias)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    bound = _summation_bound(x, w) + 1e-30
+    if x.dtype == torch.bfloat16:
+        bound = bound + ref.double().abs() * 2.0**-7
+    err = (y.double() - ref.double()).abs()
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g} over the bound {bound[err > bound].min():.3g}"
+
+
+# (in_features, group): groups of 32/64/128 and per channel; 200 and 7 are no multiple of 32 (a ragged last chunk)
+PACKED_SHAPES = [(384, 32), (384, 64), (384, 128), (384, -1), (200, 40), (200, -1), (7, -1)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("in_f,group", PACKED_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_packed_kernel_matches_reference(packed_ext, bits, in_f, group, dtype):
+    out_f = 100  # two tiles of 64 and 36 columns with 2 threads, a ragged last tile
+    codes, qweight, scale, zeros = _packed_layer(bits, out_f, in_f, group if group > 0 else in_f, seed=bits + in_f)
+    bias = torch.randn(out_f).to(dtype)
+    for lead in [(1,), (7,), (3, 5)]:  # one token, an odd number, a batch of sequences
+        x = torch.randn(*lead, in_f).to(dtype)
+        y = torch.ops.zqat.packed_linear(x, qweight, scale, zeros, bias, bits, in_f)
+        _check_against_reference(y, x, codes, scale, zeros, bias)
+        y = torch.ops.zqat.packed_linear(x, qweight, scale, zeros, None, bits, in_f)
+        _check_against_reference(y, x, codes, scale, zeros, None)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_cpu_packed_kernel_any_tiling(packed_ext, bits):
+    """The kernel's result does not depend on how the output columns are cut into tiles."""
+    codes, qweight, scale, zeros = _packed_layer(bits, 77, 160, 32, seed=3)
+    x = torch.randn(9, 160)
+    for tile in (1, 16, 48, 76, 77, 500):
+        y = packed_ext.module.packed_linear(x, qweight, scale, zeros, None, bits, 160, tile)
+        _check_against_reference(y, x, codes, scale, zeros, None)
+
+
+def test_cpu_packed_kernel_rejects_bad_arguments(packed_ext):
+    codes, qweight, scale, zeros = _packed_layer(4, 48, 200, 40)
+    x = torch.randn(3, 200)
+    with pytest.raises(RuntimeError, match="x must be"):
+        packed_ext.packed_linear(x[:, :100], qweight, scale, zeros, None, 4, 200)
+    with pytest.raises(RuntimeError, match="qweight must be int32"):
+        packed_ext.packed_linear(x, qweight[:-1], scale, zeros, None, 4, 200)
+    with pytest.raises(RuntimeError, match="bits must be"):
+        packed_ext.packed_linear(x, qweight, scale, zeros, None, 5, 200)
+    with pytest.raises(RuntimeError, match="scales"):
+        packed_ext.packed_linear(x, qweight, scale[:, :3], zeros[:, :3], None, 4, 200)
+    with pytest.raises(RuntimeError, match="bias"):
+        packed_ext.packed_linear(x, qweight, scale, zeros, torch.zeros(47), 4, 200)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        packed_ext.packed_linear(x.half(), qweight, scale, zeros, None, 4, 200)
+
+
+def test_cpu_tile_columns():
+    # Balanced over the threads, multiples of 16, at most 2 MiB of decoded weight unless 16 columns exceed it.
+    assert kernels.cpu_tile_columns(576, 576, 4, 2) == 288
+    assert kernels.cpu_tile_columns(192, 576, 4, 2) == 96
+    assert kernels.cpu_tile_columns(100, 200, 4, 2) == 64
+    assert kernels.cpu_tile_columns(4096, 11008, 4, 2) == 32  # 64 tiles of 32 x 11008 x 4 B = 1.3 MiB
+    assert kernels.cpu_tile_columns(11008, 2**20, 4, 2) == 16
+    with pytest.raises(ValueError):
+        kernels.cpu_tile_columns(0, 4, 4, 2)
+
+
+def test_packed_linear_op_meta_and_fake_tensors(packed_ext):
+    """zqat::packed_linear is a torch.library operator with a fake implementation (torch.compile, meta)."""
+    codes, qweight, scale, zeros = _packed_layer(3, 48, 200, 40)
+    x = torch.randn(2, 5, 200)
+    torch.library.opcheck(torch.ops.zqat.packed_linear.default, (x, qweight, scale, zeros, torch.randn(48), 3, 200))
+    on_meta = [t.to("meta") for t in (x, qweight, scale, zeros)]
+    y = torch.ops.zqat.packed_linear(*on_meta, None, 3, 200)
+    assert y.device.type == "meta" and y.shape == (2, 5, 48)
+
+
+class _RecordingPackedExt:
+    """Stands in for CpuPackedKernels: records each call and computes the reference product."""
+
+    DTYPES = kernels.CpuPackedKernels.DTYPES
+
+    def __init__(self, inner=None):
+        self.inner, self.calls = inner, []
+
+    def packed_linear(self, x, qweight, scales, zeros, bias, bits, in_features):
+        self.calls.append({"x": x, "scales": scales.clone(), "bits": bits})
+        if self.inner is not None:
+            return self.inner.packed_linear(x, qweight, scales, zeros, bias, bits, in_features)
+        w = dequantize_weight(unpack_int(qweight, bits, in_features).t(), scales, zeros, dtype=x.dtype)
+        return F.linear(x, w, bias)
+
+
+def _scales_model(dtype=torch.float32):
+    from peft import get_peft_model
+
+    from zqat_peft import ZeroQATConfig
+
+    from .conftest import tiny_model
+
+    config = ZeroQATConfig(w_bits=3, group_size=32, trainable="scales")
+    return get_peft_model(tiny_model("llama", dtype=dtype), config, autocast_adapter_dtype=False)
+
+
+def _packed_layers(model):
+    from zqat_peft.tuner import ZQATLinear
+
+    return [m for m in model.modules() if isinstance(m, ZQATLinear)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_forward_dispatches_the_cpu_kernel(monkeypatch, dtype):
+    """Every packed layer's forward goes to the CPU kernel (a stand-in here) and gives the reference output;
+    where a gradient is needed, or for float16 (no kernel), the PyTorch path runs instead."""
+    from .conftest import tiny_batch
+
+    model = _scales_model(dtype)
+    batch = tiny_batch()
+    with torch.no_grad():
+        monkeypatch.setattr(kernels, "cpu_packed_ext", lambda: None)
+        ref = model(**batch).logits
+        fake = _RecordingPackedExt()
+        monkeypatch.setattr(kernels, "cpu_packed_ext", lambda: fake)
+        out = model(**batch).logits
+    assert len(fake.calls) == len(_packed_layers(model)) > 0
+    assert all(c["bits"] == 3 and c["x"].dtype == dtype for c in fake.calls)
+    assert _same_bits(out, ref)
+    model(**batch)  # with autograd on, the scales need a gradient: the reference path runs
+    with torch.no_grad():
+        model.half()(**batch)
+    assert len(fake.calls) == len(_packed_layers(model))
+
+
+def test_scales_mode_perturbation_reaches_the_kernel(monkeypatch):
+    """In scales mode the ZO perturbation is one of the scales tensor: the kernel gets the perturbed scales
+    (stored + eps z) in each perturbed forward, and no dequantized weight is ever built."""
+    from zqat_peft.noise import add_scaled_noise
+    from zqat_peft.quant import packing
+    from zqat_peft.zo import zo_parameters
+    from zqat_peft.zo.perturbation import perturbed
+
+    from .conftest import tiny_batch
+
+    model = _scales_model()
+    params = zo_parameters(model)
+    fake = _RecordingPackedExt()
+    monkeypatch.setattr(kernels, "cpu_packed_ext", lambda: fake)
+
+    def no_dequantize(*args, **kwargs):
+        raise AssertionError("a packed forward built a dequantized weight")
+
+    monkeypatch.setattr(packing, "dequantize_packed", no_dequantize)
+    batch = tiny_batch()
+    for eps in (1e-3, -1e-3):
+        fake.calls.clear()
+        with perturbed(params, seed=11, scale=eps):
+            model(**batch)
+        stored = [p.param for p in params]
+        expected = [add_scaled_noise(p.param, 11, p.key, eps) for p in params]
+        assert len(fake.calls) == len(stored)
+        for call, p, want in zip(fake.calls, stored, expected):
+            assert _same_bits(call["scales"], want) and not torch.equal(call["scales"], p)
+
+
+def test_packed_forward_uses_the_built_cpu_kernel(packed_ext, monkeypatch):
+    """With the extension built, the layers' forward runs it (a spy around the real kernel) and matches the
+    PyTorch path (float32: the summation-order bound of every layer carries into logits within 1e-4)."""
+    from .conftest import tiny_batch
+
+    model = _scales_model()
+    batch = tiny_batch()
+    spy = _RecordingPackedExt(inner=packed_ext)
+    with torch.no_grad():
+        monkeypatch.setattr(kernels, "cpu_packed_ext", lambda: spy)
+        out = model(**batch).logits
+        monkeypatch.setattr(kernels, "cpu_packed_ext", lambda: None)
+        ref = model(**batch).logits
+    assert len(spy.calls) == len(_packed_layers(model))
+    assert torch.allclose(out, ref, rtol=0, atol=1e-4)
+
+
+def test_packed_forward_dispatches_the_cuda_kernel(monkeypatch):
+    """On CUDA (tensors that report CUDA here) the packed forward runs packed_linear_cuda's kernels."""
+    from zqat_peft.quant import packed_linear, primitives
+
+    codes, qweight, scale, zeros = _packed_layer(4)
+    fake = _EmulatedPackedExt()
+    monkeypatch.setattr(primitives, "cuda_ext", lambda: fake)
+    monkeypatch.setattr(kernels, "cuda_ext", lambda: fake)
+    on_cuda = [t.as_subclass(_ReportsCuda) for t in (qweight, scale, zeros)]
+    x = torch.randn(3, 200)
+    y = packed_linear(x.as_subclass(_ReportsCuda), *on_cuda, 4, 200)
+    assert [c[0] for c in fake.calls] == ["dequant"]
+    _check_against_reference(y.as_subclass(torch.Tensor), x, codes, scale, zeros, None)
 
 
 # ----------------------------------------------------------------------------- CUDA (GPU machines only)

@@ -1,21 +1,30 @@
-"""Loaders of the optional compiled kernels in ``cuda_ext/`` (built on first use, then cached).
+"""Loaders of the optional compiled kernels in ``zqat_peft/cuda_ext/`` (built on first use, then cached),
+and the ``zqat::packed_linear`` operator that runs them for packed layers.
 
 * ``cpu_noise_ext()``: ``cuda_ext/zo_noise_cpu.cpp``, the CPU kernel of the ZO noise (``add_scaled_noise``,
   ``fill_noise``), bit-identical to the PyTorch implementation in ``zqat_peft.noise``, which uses it
   for CPU tensors.
+* ``cpu_packed_ext()``: ``cuda_ext/packed_linear_cpu.cpp``, the CPU kernel of a packed linear layer
+  (``x @ W^T + bias`` with W decoded one tile of output columns at a time, never whole).
 * ``cuda_ext()``: ``cuda_ext/zqat_kernels.cu`` (+ its pybind11 binding ``zqat_kernels_bind.cpp``): the CUDA
   kernels (scaled noise, fused perturb + weight fake quantization, activation fake quantization,
   packed-weight dequantization and GEMV). ``zqat_peft.noise`` and ``zqat_peft.quant`` call them for
   CUDA tensors outside autograd (the same bits as their PyTorch paths); ``packed_linear_cuda`` adds the
   batch-1 GEMV and a tiled workspace.
 
-Both are JIT-compiled with ``torch.utils.cpp_extension.load`` into torch's extensions directory
+All are JIT-compiled with ``torch.utils.cpp_extension.load`` into torch's extensions directory
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where later processes find the built
-library. The sources live in the top-level ``cuda_ext/`` folder of the repository, next to the package;
-an editable install (``pip install -e .``) keeps them there. When the sources, the compiler (or ninja)
-or CUDA are missing, or the build fails, the loader warns once and returns None, and callers fall back
-to the PyTorch implementation. ``ZQAT_NO_EXT=1`` in the environment disables both extensions (read on
-the first call; ``cpu_noise_ext.cache_clear()`` makes the loader look again).
+library. The sources are package data (``zqat_peft/cuda_ext/``), so an editable install and a wheel both
+carry them. When the sources, the compiler (or ninja) or CUDA are missing, or the build fails, the loader
+warns once and returns None, and callers fall back to the PyTorch implementation. ``ZQAT_NO_EXT=1`` in the
+environment disables every extension (read on the first call; ``cpu_noise_ext.cache_clear()`` makes the
+loader look again).
+
+``zqat::packed_linear`` (``torch.ops.zqat.packed_linear``) is registered with ``torch.library`` when this
+module is imported: a CPU implementation (``cpu_packed_ext``), a CUDA one (``packed_linear_cuda``) and a
+fake (meta) one, so ``torch.compile`` and meta tensors see its output shape. It always runs a kernel and
+raises if none is built; ``zqat_peft.quant.packed_linear`` decides when to call it and otherwise computes
+the same product in PyTorch.
 """
 
 from __future__ import annotations
@@ -30,15 +39,19 @@ from typing import Any, Optional
 import torch
 
 __all__ = [
-    "CpuNoiseKernels", "cpu_noise_ext", "cuda_ext", "ext_sources_dir", "extensions_disabled", "packed_linear_cuda",
+    "CpuNoiseKernels", "CpuPackedKernels", "cpu_noise_ext", "cpu_packed_ext", "cpu_tile_columns", "cuda_ext",
+    "ext_sources_dir", "extensions_disabled", "packed_linear_cuda",
 ]
 
 _DISABLE_ENV = "ZQAT_NO_EXT"
 _CPU_SOURCES = ("zo_noise_cpu.cpp",)
+_PACKED_CPU_SOURCES = ("packed_linear_cpu.cpp",)
 _CUDA_SOURCES = ("zqat_kernels_bind.cpp", "zqat_kernels.cu")
-# Bump when a kernel's interface changes (the name keys torch's build directory).
-_CPU_NAME = "zqat_zo_noise_cpu_v1"
-_CUDA_NAME = "zqat_kernels_cuda_v1"
+# Bump when a kernel's sources or their place change (the name keys torch's build directory, which other
+# checkouts of an older version may share).
+_CPU_NAME = "zqat_zo_noise_cpu_v2"
+_PACKED_CPU_NAME = "zqat_packed_linear_cpu_v1"
+_CUDA_NAME = "zqat_kernels_cuda_v2"
 
 
 def extensions_disabled() -> bool:
@@ -47,9 +60,8 @@ def extensions_disabled() -> bool:
 
 
 def ext_sources_dir() -> Optional[Path]:
-    """The ``cuda_ext`` folder next to the installed package, or None when it is not there."""
-    root = Path(__file__).resolve().parent.parent  # the folder that holds zqat_peft/
-    folder = root / "cuda_ext"
+    """The kernel sources, ``zqat_peft/cuda_ext`` (package data), or None when they are not there."""
+    folder = Path(__file__).resolve().parent / "cuda_ext"
     return folder if folder.is_dir() else None
 
 
@@ -75,8 +87,8 @@ def _host_flags() -> tuple[list[str], list[str]]:
 def _load(what: str, name: str, sources: Optional[list[str]], **kwargs: Any) -> Optional[Any]:
     if sources is None:
         warnings.warn(
-            f"zqat_peft: the {what} sources were not found in the cuda_ext/ folder next to the zqat_peft "
-            "package (install the repository with `pip install -e .`); using the PyTorch implementation.",
+            f"zqat_peft: the {what} sources were not found in the package's cuda_ext/ folder (an install "
+            "that left out the package data?); using the PyTorch implementation.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -178,6 +190,83 @@ def cuda_ext() -> Optional[Any]:
     )
 
 
+# One thread's tile of decoded weight stays within a core's L2 cache (2 MiB on recent x86 server cores).
+_CPU_TILE_BYTES = 2 * 2**20
+_CPU_TILE_ALIGN = 16  # columns: one AVX-512 register of float32
+_PACKED_BITS = (2, 3, 4, 8)
+
+
+def cpu_tile_columns(out_features: int, in_features: int, element_size: int, threads: int) -> int:
+    """Output columns per tile of the CPU packed kernel.
+
+    As few tiles as the threads can share evenly (each tile is one GEMM, and a thread with one tile more
+    than the others sets the time), each holding at most ``_CPU_TILE_BYTES`` of decoded weight, rounded up
+    to a multiple of 16 columns.
+    """
+    if min(out_features, in_features, element_size, threads) <= 0:
+        raise ValueError(f"cpu_tile_columns: sizes must be positive, got {out_features}, {in_features}, "
+                         f"{element_size}, {threads}")
+    max_columns = max(_CPU_TILE_ALIGN, _CPU_TILE_BYTES // (in_features * element_size) // _CPU_TILE_ALIGN * _CPU_TILE_ALIGN)
+    n_tiles = -(-out_features // max_columns)
+    n_tiles = -(-n_tiles // threads) * threads
+    columns = -(-out_features // n_tiles)
+    return -(-columns // _CPU_TILE_ALIGN) * _CPU_TILE_ALIGN
+
+
+class CpuPackedKernels:
+    """The CPU packed-linear kernel, with its arguments checked here before the call (see CpuNoiseKernels
+    for why nothing unchecked reaches a C++ extension)."""
+
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, module: Any):
+        self.module = module
+
+    def packed_linear(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      bias: Optional[torch.Tensor], bits: int, in_features: int) -> torch.Tensor:
+        """``x [M, in_features] @ W^T + bias`` in x's dtype (float32 or bfloat16), W decoded tile by tile."""
+        _check_packed_args(x, qweight, scales, zeros, bias, bits, in_features)
+        if x.dtype not in self.DTYPES:
+            raise RuntimeError(f"packed_linear (CPU kernel): x must be float32 or bfloat16, got {x.dtype}")
+        for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+            if t is not None:
+                _check_cpu_contiguous(f"packed_linear: {name}", t)
+        tile = cpu_tile_columns(qweight.shape[1], in_features, x.element_size(), torch.get_num_threads())
+        return self.module.packed_linear(x, qweight, scales, zeros, bias, bits, in_features, tile)
+
+
+def _check_packed_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       bias: Optional[torch.Tensor], bits: int, in_features: int) -> None:
+    """The packed layout's contract (zqat_peft.quant.packing), shared by the CPU and CUDA kernels."""
+    if bits not in _PACKED_BITS:
+        raise RuntimeError(f"packed_linear: bits must be one of {_PACKED_BITS}, got {bits}")
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise RuntimeError(f"packed_linear: x must be [M, {in_features}], got {tuple(x.shape)}")
+    out_features = qweight.shape[1] if qweight.dim() == 2 else -1
+    if qweight.dtype != torch.int32 or qweight.shape != (-(-in_features // 32) * bits, out_features):
+        raise RuntimeError(f"packed_linear: qweight must be int32 [ceil({in_features} / 32) * {bits}, out_features], "
+                           f"got {qweight.dtype} {tuple(qweight.shape)}")
+    if (scales.dtype != torch.float32 or zeros.dtype != torch.uint8 or scales.dim() != 2
+            or scales.shape != zeros.shape or scales.shape[0] != out_features or in_features % scales.shape[1]):
+        raise RuntimeError(f"packed_linear: scales (float32) and zeros (uint8) must be [{out_features}, n_groups] "
+                           f"with n_groups dividing {in_features}; got {scales.dtype} {tuple(scales.shape)} and "
+                           f"{zeros.dtype} {tuple(zeros.shape)}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
+        raise RuntimeError(f"packed_linear: bias must be [{out_features}] in {x.dtype}, got {bias.dtype} "
+                           f"{tuple(bias.shape)}")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_packed_ext() -> Optional[CpuPackedKernels]:
+    """The CPU packed-linear kernel, or None (disabled, no sources, or no working compiler)."""
+    if extensions_disabled():
+        return None
+    cflags, ldflags = _host_flags()
+    module = _load("CPU packed-linear kernel", _PACKED_CPU_NAME, _sources(_PACKED_CPU_SOURCES),
+                   extra_cflags=cflags, extra_ldflags=ldflags)
+    return CpuPackedKernels(module) if module is not None else None
+
+
 def packed_linear_cuda(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -226,3 +315,43 @@ def packed_linear_cuda(
     if bias is not None:
         y = y + bias
     return y.view(*lead, out_features)
+
+
+# ----------------------------------------------------------------------------- torch.library operator
+
+
+@torch.library.custom_op("zqat::packed_linear", mutates_args=())
+def packed_linear_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``x [..., in_features] @ W^T + bias`` for GPTQ-packed ``W`` on the kernel of x's device.
+
+    Raises when that kernel is not built: callers that can do without it (``zqat_peft.quant.packed_linear``)
+    check first. The tile of W the CPU kernel decodes is chosen for ``torch.get_num_threads()``.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x.is_cuda:
+        _check_packed_args(x2, qweight, scales, zeros, bias, bits, in_features)
+        y = packed_linear_cuda(x2, qweight, scales, zeros, bits, in_features, bias)
+    elif x.device.type == "cpu":
+        ext = cpu_packed_ext()
+        if ext is None:
+            raise RuntimeError("zqat::packed_linear needs the CPU packed-linear kernel (see zqat_peft.kernels)")
+        contiguous = [t.contiguous() for t in (x2, qweight, scales, zeros)]
+        y = ext.packed_linear(*contiguous, bias if bias is None else bias.contiguous(), bits, in_features)
+    else:
+        raise RuntimeError(f"zqat::packed_linear has no kernel for {x.device.type} tensors")
+    return y.view(*lead, qweight.shape[1])
+
+
+@packed_linear_op.register_fake
+def _packed_linear_fake(x, qweight, scales, zeros, bias, bits, in_features):
+    torch._check(x.shape[-1] == in_features)
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))

@@ -1,6 +1,6 @@
 """Quantization primitives (fake quantization, quantize/dequantize) and GPTQ bit packing."""
 
-from .packing import dequantize_packed, pack_int, packed_shape, unpack_int
+from .packing import dequantize_packed, pack_int, packed_kernel_for, packed_linear, packed_shape, unpack_int
 from .primitives import (
     ACT_BITS,
     WEIGHT_BITS,
@@ -25,6 +25,8 @@ __all__ = [
     "fake_quantize_activation",
     "fake_quantize_weight",
     "pack_int",
+    "packed_kernel_for",
+    "packed_linear",
     "packed_shape",
     "quantize_weight",
     "resolve_group_size",

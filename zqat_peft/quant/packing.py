@@ -18,14 +18,19 @@ GPTQ's ``qweight`` is ``[in * bits / 32, out]``, so callers pack the transposed 
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .. import kernels
 from .primitives import check_weight_bits, cuda_kernels_for, dequantize_weight
 
 _ROWS_PER_CHUNK = 32
 _WORD_BITS = 32
+# What the packed CUDA kernels write.
+_KERNEL_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def packed_shape(rows: int, cols: int, bits: int) -> tuple[int, int]:
@@ -115,18 +120,69 @@ def unpack_int(packed: Tensor, bits: int, rows: int) -> Tensor:
     return codes[:rows].to(torch.uint8)
 
 
+def packed_cuda_kernels_for(qweight: Tensor, scale: Tensor, zero: Tensor) -> Optional[Any]:
+    """The CUDA extension when its packed-weight kernels take these tensors: int32 codes, float32 scales
+    and uint8 zeros, contiguous on CUDA, no gradient needed; else None (the PyTorch path runs).
+
+    The scales decide (``cuda_kernels_for`` checks the dtype of its first tensor only): the codes are
+    int32, a dtype the elementwise kernels never take, and must not turn the packed kernels away.
+    """
+    if qweight.dtype != torch.int32 or scale.dtype != torch.float32 or zero.dtype != torch.uint8:
+        return None
+    return cuda_kernels_for(scale, qweight, zero)
+
+
 def dequantize_packed(
     qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """The weight [out, in] of GPTQ-packed codes: ``dequantize_weight(unpack_int(qweight).t(), scale, zero)``.
 
-    On CUDA (no autograd, float32 scales) one kernel unpacks and dequantizes into W^T, returned as a
-    transposed view; it computes the same bits.
+    On CUDA (no autograd, float32 scales, uint8 zeros) one kernel unpacks and dequantizes into W^T,
+    returned as a transposed view; it computes the same bits.
     """
-    ext = cuda_kernels_for(qweight, scale, zero) if scale.dtype == torch.float32 else None
-    if ext is not None and zero.dtype == torch.uint8 and dtype in (torch.float32, torch.bfloat16, torch.float16):
+    ext = packed_cuda_kernels_for(qweight, scale, zero) if dtype in _KERNEL_OUT_DTYPES else None
+    if ext is not None:
         wt = torch.empty(in_features, qweight.shape[1], dtype=dtype, device=qweight.device)
         ext.dequant_packed(qweight, scale, zero, wt, bits, in_features, 0)
         return wt.t()
     codes = unpack_int(qweight, bits, in_features).t()
     return dequantize_weight(codes, scale, zero, dtype=dtype)
+
+
+def packed_linear(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, in_features: int, bias: Optional[Tensor] = None
+) -> Tensor:
+    """``F.linear(x, dequantize_packed(qweight, scales, zeros, bits, in_features, x.dtype), bias)``, on a kernel
+    that never holds the whole float weight where one is built.
+
+    Args:
+        x: [..., in_features], float32 or bfloat16 for the CPU kernel (float16 too on CUDA).
+        qweight, scales, zeros: the packed layer (int32 codes, float32 [out, n_groups], uint8 [out, n_groups]);
+            ``scales`` is read at call time, so a perturbed tensor swapped in for it is what the kernel sees.
+        bias: [out] in x's dtype, or None.
+
+    Returns:
+        [..., out] in x's dtype: the reference up to the GEMM's summation order (the decoded weights are the
+        same bits). The kernels take no gradient: when x, scales or bias needs one, or no kernel is built for
+        x's device and dtype (``ZQAT_NO_EXT=1``), the PyTorch reference above runs.
+    """
+    if packed_kernel_for(x, qweight, scales, zeros, bias) is not None:
+        return torch.ops.zqat.packed_linear(x, qweight, scales, zeros, bias, bits, in_features)
+    return F.linear(x, dequantize_packed(qweight, scales, zeros, bits, in_features, dtype=x.dtype), bias)
+
+
+def packed_kernel_for(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor] = None
+) -> Optional[Any]:
+    """The extension ``zqat::packed_linear`` will run for these tensors, or None where the reference must run."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scales, bias)):
+        return None
+    if bias is not None and bias.dtype != x.dtype:
+        return None
+    if x.is_cuda:
+        return packed_cuda_kernels_for(qweight, scales, zeros) if x.dtype in _KERNEL_OUT_DTYPES else None
+    if x.device.type != "cpu" or x.dtype not in kernels.CpuPackedKernels.DTYPES:
+        return None
+    if qweight.dtype != torch.int32 or scales.dtype != torch.float32 or zeros.dtype != torch.uint8:
+        return None
+    return kernels.cpu_packed_ext()

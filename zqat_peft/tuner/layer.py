@@ -37,6 +37,7 @@ from ..quant import (
     fake_quantize_activation,
     fake_quantize_weight,
     pack_int,
+    packed_linear,
     quantize_weight,
     resolve_group_size,
     weight_qparams,
@@ -210,7 +211,11 @@ class ZQATLinear(nn.Module, ZQATLayer):
                 raise RuntimeError("A packed layer has no full-precision weight to run with fake_quant=False.")
             return F.linear(x, self.master_weight(adapter).to(x.dtype), self.base_layer.bias)
         x = fake_quantize_activation(x, spec.a_bits)
-        y = F.linear(x, self.quantized_weight(adapter, dtype=x.dtype), self.base_layer.bias)
+        if self.is_packed(adapter):  # the codes go to the kernel with the scales as they are now (perturbed or not)
+            y = packed_linear(x, self.zqat_qweight[adapter], self.zqat_scales[adapter], self.zqat_zeros[adapter],
+                              spec.w_bits, self.in_features, self.base_layer.bias)
+        else:
+            y = F.linear(x, self.quantized_weight(adapter, dtype=x.dtype), self.base_layer.bias)
         if spec.out_bits < 16:
             y = fake_quantize_keys_values(y, spec)
         return y
