@@ -271,3 +271,41 @@ def test_export_refuses_an_existing_folder(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         save_compressed_tensors(model, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------- the real SmolLM2-135M
+
+
+def _smollm2(w_bits: int):
+    from zqat_peft.data import is_complete, load_model_and_tokenizer
+
+    if not is_complete("model"):
+        pytest.skip("the real model is not fetched (zqat fetch model)")
+    base, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    model = get_peft_model(base, ZeroQATConfig(w_bits=w_bits, group_size=64, trainable="scales"))
+    ids = tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt")["input_ids"]
+    return model, tokenizer, ids
+
+
+@pytest.mark.parametrize("w_bits", [3, 4])
+def test_smollm2_export_loads_with_our_logits(tmp_path, w_bits):
+    """compressed-tensors (W4; 3-bit is refused) and, with GPTQModel installed, GPTQ (W3 and W4)."""
+    model, tokenizer, ids = _smollm2(w_bits)
+    expected = _logits(model, ids)
+    if w_bits == 4:
+        save_compressed_tensors(model, tmp_path / "ct", tokenizer=tokenizer)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+        torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=1e-4)
+    if importlib.util.find_spec("gptqmodel") is None:
+        return
+    for layer in model.modules():  # GPTQ stores float16 scales
+        if isinstance(layer, ZQATLinear):
+            layer.zqat_scales["default"].data = layer.zqat_scales["default"].data.half().float()
+    expected = _logits(model, ids)
+    save_gptq(model, tmp_path / "gptq", tokenizer=tokenizer)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "gptq", dtype=torch.float32, quantization_config=transformers.GPTQConfig(bits=w_bits, backend="torch"))
+    for module in loaded.modules():
+        if hasattr(module, "scales") and hasattr(module, "qweight"):
+            module.scales = module.scales.float()
+    torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=1e-4)
