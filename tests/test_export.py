@@ -309,3 +309,34 @@ def test_smollm2_export_loads_with_our_logits(tmp_path, w_bits):
         if hasattr(module, "scales") and hasattr(module, "qweight"):
             module.scales = module.scales.float()
     torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
+def test_cli_exports_a_saved_adapter(tmp_path, capsys, fmt):
+    from zqat_peft import cli
+    from zqat_peft.data import is_complete, resolve_model_path
+
+    if not is_complete("model"):
+        pytest.skip("the real model's tokenizer is not fetched (zqat fetch model)")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path())
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    get_peft_model(base, ZeroQATConfig(w_bits=4, group_size=32, trainable="scales")).save_pretrained(tmp_path / "adapter")
+
+    out = tmp_path / ("model.gguf" if fmt == "gguf" else "export")
+    args = ["export", "--adapter", str(tmp_path / "adapter"), "--format", fmt, "--out", str(out)]
+    if fmt == "gguf":
+        args += ["--tokenizer-pre", "smollm"]
+    assert cli.main(args) == 0
+    assert f"exported {fmt}" in capsys.readouterr().out
+    if fmt == "gguf":
+        assert out.is_file()
+    else:
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+        assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert cli.main(args) == 2  # never overwrites

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="merged: plain float weights (default); gptq: transformers/GPTQModel/vLLM; "
                         "compressed-tensors: vLLM/transformers; gguf: llama.cpp (one .gguf file)")
     x.add_argument("--out", required=True, help="folder (for gguf: file) for the export (must not exist)")
+    x.add_argument("--tokenizer-pre", default="default",
+                   help="gguf only: llama.cpp's name of the tokenizer's pre-tokenizer (SmolLM2: smollm)")
     x.add_argument("--recipe", help="recipe naming the base model (default: the run's config.yaml)")
     x.set_defaults(func=cmd_export)
 
@@ -143,7 +145,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, tokenizer = load_adapter(recipe, args.adapter, "cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
-        report = EXPORTERS[args.format](model, out, tokenizer=tokenizer)
+        extra = {"tokenizer_pre": args.tokenizer_pre} if args.format == "gguf" else {}
+        report = EXPORTERS[args.format](model, out, tokenizer=tokenizer, **extra)
     for warning in caught:
         print(f"zqat: warning: {warning.message}", file=sys.stderr)
     q = recipe["quant"]
