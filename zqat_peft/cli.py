@@ -3,7 +3,7 @@
     zqat fetch [model wiki lee austen tasks | a registered model name]
     zqat train --recipe recipes/NAME.yaml [--resume] [key=value ...]
     zqat eval --adapter runs/NAME/adapter [--recipe recipes/NAME.yaml] [key=value ...]
-    zqat export --adapter runs/NAME/adapter --out DIR
+    zqat export --adapter runs/NAME/adapter [--format merged|gptq|compressed-tensors|gguf] --out DIR
     zqat demo [key=value ...]
 
 Expected failures (an unknown recipe key, a missing file, a model that cannot be fetched here) end with
@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
 
 from .data import ASSETS, DEFAULT_MODEL, MODELS, fetch
-from .pipeline import (
-    AssetError, evaluate, load_adapter, merge_for_export, pick_device, prepare_eval_data, resume_state, run,
-)
+from .export import ExportWarning, save_compressed_tensors, save_gguf, save_gptq, save_merged
 from .files import CorruptFileError
+from .pipeline import AssetError, evaluate, load_adapter, pick_device, prepare_eval_data, resume_state, run
 from .recipe import check_adapter_folder, check_sources, load_recipe, output_dir, required_assets
 from .report import metrics_table
 from .zo import ZODivergenceError
 
 EXIT_USAGE = 2
+EXPORTERS = {"merged": save_merged, "gptq": save_gptq, "compressed-tensors": save_compressed_tensors, "gguf": save_gguf}
+EXPORT_FORMATS = tuple(EXPORTERS)
 
 
 class UsageError(Exception):
@@ -83,9 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. eval.max_windows=8")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="merge an adapter into a plain transformers checkpoint")
+    x = sub.add_parser("export", help="write an adapter's model as a checkpoint inference runtimes load")
     x.add_argument("--adapter", required=True, help="an adapter folder, e.g. runs/NAME/adapter")
-    x.add_argument("--out", required=True, help="folder for the merged checkpoint (must not exist)")
+    x.add_argument("--format", choices=EXPORT_FORMATS, default="merged",
+                   help="merged: plain float weights (default); gptq: transformers/GPTQModel/vLLM; "
+                        "compressed-tensors: vLLM/transformers; gguf: llama.cpp (one .gguf file)")
+    x.add_argument("--out", required=True, help="folder (for gguf: file) for the export (must not exist)")
+    x.add_argument("--tokenizer-pre", default="default",
+                   help="gguf only: llama.cpp's name of the tokenizer's pre-tokenizer (SmolLM2: smollm)")
     x.add_argument("--recipe", help="recipe naming the base model (default: the run's config.yaml)")
     x.set_defaults(func=cmd_export)
 
@@ -140,25 +145,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists():
-        raise UsageError(f"{out} already exists; choose a new folder for the merged checkpoint")
+        raise UsageError(f"{out} already exists; choose a new path for the export")
     recipe = adapter_recipe(args.adapter, args.recipe, ())
     model, tokenizer = load_adapter(recipe, args.adapter, "cpu")
-    merged, smoothed = merge_for_export(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportWarning)
+        extra = {"tokenizer_pre": args.tokenizer_pre} if args.format == "gguf" else {}
+        report = EXPORTERS[args.format](model, out, tokenizer=tokenizer, **extra)
+    for warning in caught:
+        print(f"zqat: warning: {warning.message}", file=sys.stderr)
     q = recipe["quant"]
-    if q["a_bits"] < 16 or q["kv_bits"] < 16:
-        print(f"zqat: warning: activation quantization (a_bits={q['a_bits']}, kv_bits={q['kv_bits']}) is not part of a "
-              "plain checkpoint: the exported model runs its activations in full precision", file=sys.stderr)
-    if smoothed:
-        print("zqat: warning: the smoothing scales were folded into the weights (W' = Q(W s) / s per input channel), "
-              "so they lie on the grid only up to a per-input-channel scale", file=sys.stderr)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported a plain transformers checkpoint (W{q['w_bits']} weights, group size {q['group_size']}) to {out}")
+    print(f"{report.summary()}; W{q['w_bits']} weights, group size {q['group_size']}")
 
 
 # ------------------------------------------------------------------------------------------ helpers

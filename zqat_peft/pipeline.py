@@ -53,7 +53,6 @@ from .files import check_file, read_mapping
 from .recipe import (DTYPES, RecipeError, calibrates, changed_keys, check_adapter_folder, check_sources, output_dir,
                      quant_config)
 from .report import format_value, loss_figure, report
-from .tuner import ZQATLinear
 from .zo import ZOTrainer, ZOTrainingArguments
 
 STAGES_FILE = ".stages.json"  # the stages an unfinished run has done (metrics, timings, training log), for resume
@@ -129,16 +128,6 @@ def attach_adapter(base, adapter_dir: str | os.PathLike, model_name: str, traina
             raise mismatch(f"{len(missing)} of the model's tensors are not in the adapter and {len(unexpected)} of the "
                            f"adapter's not in the model, {example}")
     return model
-
-
-@torch.no_grad()
-def merge_for_export(model) -> tuple[torch.nn.Module, bool]:
-    """``merge_and_unload()`` into a plain transformers model; returns it and whether smoothing scales were
-    folded in (each smoothed layer's merge writes Q(W s) diag(1/s): the same function, on the grid only up
-    to a per-input-channel scale)."""
-    smoothed = any(not torch.all(scale == 1) for layer in model.get_base_model().modules()
-                   if isinstance(layer, ZQATLinear) for scale in layer.zqat_input_scale.values())
-    return model.merge_and_unload(), smoothed
 
 
 def corpus_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
