@@ -533,7 +533,8 @@ def test_end_to_end_on_the_real_model(tmp_path):
     ])
     result = pipeline.run(recipe)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == result["metrics"] and list(metrics) == ["fp", "rtn", "init", "zeroqat"]
+    assert metrics == result["metrics"] and list(metrics) == ["fp", "rtn", "init", "zeroqat", "zeroqat_kept"]
+    assert metrics["zeroqat_kept"] == "last"  # no held-out checks, no divergence: the trained model is the result
     assert metrics["init"] == metrics["rtn"]  # init: rtn
     assert metrics["fp"]["wiki_ppl"] < metrics["rtn"]["wiki_ppl"] < 1e3
     for name in ("config.yaml", "metrics.json", "timings.json", "loss_curve.png", "report.md", "DONE",

@@ -43,6 +43,7 @@ def zo_args(tmp_path, **kw) -> ZOTrainingArguments:
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=10, learning_rate=1e-3,
         lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to=[], seed=0,
         disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+        zo_step="absolute",  # these tests check plain SPSA; the relative step has tests/test_zo_step.py
     )
     defaults.update(kw)
     return ZOTrainingArguments(**defaults)
@@ -603,10 +604,10 @@ def test_resume_and_replay_errors(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="zqat-noise-v0"):
         replay_trajectory(zqat_llama("scales"), tmp_path)
-    optimizer = ZOOptimizer(zo_parameters(zqat_llama("scales")), lr=1e-3)
+    optimizer = ZOOptimizer(zo_parameters(zqat_llama("scales")), lr=1e-3, step="absolute")
     with pytest.raises(ValueError, match="not written by ZOOptimizer"):
         optimizer.load_state_dict(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0).state_dict())
-    other = ZOOptimizer(zo_parameters(zqat_llama("full")), lr=1e-3)
+    other = ZOOptimizer(zo_parameters(zqat_llama("full")), lr=1e-3, step="absolute")
     with pytest.raises(ValueError, match="different trainable parameters"):
         other.load_state_dict(trainer.zo_optimizer.state_dict())
 

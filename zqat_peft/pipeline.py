@@ -53,7 +53,7 @@ from .files import check_file, read_mapping
 from .recipe import (DTYPES, RecipeError, calibrates, changed_keys, check_adapter_folder, check_sources, output_dir,
                      quant_config)
 from .report import format_value, loss_figure, report
-from .zo import ZOTrainer, ZOTrainingArguments
+from .zo import DivergenceGuard, ZOTrainer, ZOTrainingArguments
 
 STAGES_FILE = ".stages.json"  # the stages an unfinished run has done (metrics, timings, training log), for resume
 
@@ -291,10 +291,12 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
         output_dir=str(work_dir), max_steps=t["steps"], per_device_train_batch_size=t["batch_size"],
         learning_rate=t["lr"], lr_scheduler_type=t["scheduler"], lr_scheduler_kwargs=t["scheduler_kwargs"],
         warmup_steps=t["warmup_steps"], weight_decay=t["weight_decay"], zo_eps=t["eps"], zo_num_queries=t["num_queries"],
-        zo_grad_clip=t["grad_clip"],
+        zo_grad_clip=t["grad_clip"], zo_step=t["step"],
         logging_steps=t["logging_steps"], report_to=[], seed=recipe["seed"], bf16=t["bf16"],
         use_cpu=device == "cpu", dataloader_num_workers=0, **keep_best,
     )
+    # with eval_steps the start is saved to disk and restored below; without, the guard keeps it in memory
+    guard = DivergenceGuard(keep_start=not every)
     trainer_class = ZOTrainer
     if t["loss"] == "distill":
         if not isinstance(data["train"], distill.TeacherWindows):
@@ -304,7 +306,7 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
     trainer = trainer_class(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
                             eval_dataset=data.get("validation"),  # present only with eval_steps
                             compute_loss_func=data.get("loss"),  # None: the model's own loss
-                            callbacks=[TrainingClock(checkpoint_training_seconds(work_dir) if resume else 0.0)])
+                            callbacks=[TrainingClock(checkpoint_training_seconds(work_dir) if resume else 0.0), guard])
     if every:
         start = work_dir / "start"
         if not resume:
@@ -312,15 +314,18 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
         at_start = {**trainer.evaluate(), "step": 0}  # train() starts a new log history: kept apart
         start_loss = at_start["eval_loss"]
     trainer.train(resume_from_checkpoint=resume or None)  # True: the last checkpoint in work_dir
-    if every:
-        best, best_loss = trainer.state.best_model_checkpoint, trainer.state.best_metric
-        if best is None or start_loss <= best_loss:
-            model.load_adapter(str(start), model.active_adapter)
-            best, best_loss = start, start_loss
-        _log(f"  kept {Path(best).name} (held-out loss {format_value(best_loss)}; "
-             f"at the start {format_value(start_loss)})")
-        return [at_start, *trainer.state.log_history]
-    return trainer.state.log_history
+    outcome = {"zeroqat_kept": "start" if guard.restored else "last", "zeroqat_stopped": guard.stopped}
+    if guard.stopped:
+        _log(f"  training stopped by the divergence guard at {guard.stopped}")
+    if not every:
+        return [*trainer.state.log_history, outcome]
+    best, best_loss = trainer.state.best_model_checkpoint, trainer.state.best_metric
+    if best is None or start_loss <= best_loss:
+        model.load_adapter(str(start), model.active_adapter)
+        best, best_loss = start, start_loss
+    outcome["zeroqat_kept"] = Path(best).name
+    _log(f"  kept {Path(best).name} (held-out loss {format_value(best_loss)}; at the start {format_value(start_loss)})")
+    return [at_start, *trainer.state.log_history, outcome]
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -379,10 +384,18 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
         shutil.rmtree(out / ".trainer", ignore_errors=True)
     with _timed("zeroqat", timings):
         metrics["zeroqat"] = evaluate(model, tokenizer, recipe, data)
+    metrics.update(training_outcome(history))
     timings["total"] = time.perf_counter() - start
     write_outputs(out, recipe, metrics, timings, history, device)
     (out / STAGES_FILE).unlink(missing_ok=True)
     return {"output_dir": str(out), "metrics": metrics, "timings": timings}
+
+
+def training_outcome(history: list[dict]) -> dict[str, Any]:
+    """Which model training kept ("start", "last" or a checkpoint's name) and, if the divergence guard stopped
+    it, why: ``train`` records it as the last entry of the log history."""
+    outcome = next((e for e in reversed(history) if "zeroqat_kept" in e), {})
+    return {k: v for k, v in outcome.items() if v is not None}
 
 
 def initial_model(recipe: dict, tokenizer, data: dict, device: str, metrics: dict, timings: dict):

@@ -24,6 +24,7 @@ from .evaluation.zeroshot import available_tasks
 from .files import check_adapter, read_yaml
 from .tuner import ZeroQATConfig
 from .tuner.registration import zqat_peft_type
+from .zo.optimizer import ZO_STEPS
 
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
 TASKS = ("boolq",)
@@ -148,6 +149,10 @@ def default_recipe() -> dict:
         "quant": {k: copy.deepcopy(getattr(quant, k)) for k in QUANT_KEYS},  # ZeroQATConfig fields
         "calibration": {"data": "wiki", "n_samples": 32, "seq_len": 256, "batch_size": 4},
         "train": {
+            # "relative": lr and eps are fractions of each trained tensor's RMS and the projected gradient is
+            # divided by its running RMS, so one lr carries over to other models; "absolute": p -= lr * g * z
+            # (grad_clip applies to this one only)
+            "step": "relative",
             "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
             "grad_clip": None, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "logging_steps": 10,
             "bf16": False,
@@ -263,6 +268,11 @@ def check_recipe(recipe: dict) -> None:
     if not isinstance(t["scheduler_kwargs"], dict):
         raise RecipeError("train.scheduler_kwargs must be a mapping of the scheduler's arguments, e.g. "
                           f"{{num_decay_steps: 100}}; got {t['scheduler_kwargs']!r}")
+    if t["step"] not in ZO_STEPS:
+        raise RecipeError(f"train.step must be one of {ZO_STEPS}, got {t['step']!r}")
+    if t["step"] == "relative" and t["grad_clip"] is not None:
+        raise RecipeError(f"train.grad_clip ({t['grad_clip']}) clips the absolute step's projected gradient; the "
+                          "relative step clips its normalized gradient itself: unset it or use train.step=absolute")
     if t["loss"] not in TRAIN_LOSSES:
         raise RecipeError(f"train.loss must be one of {TRAIN_LOSSES}, got {t['loss']!r}")
     if t["loss"] == "distill" and recipe["task"] is not None:

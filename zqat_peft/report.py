@@ -49,6 +49,21 @@ def format_value(value: Optional[float]) -> str:
     return f"{value:.2f}" if abs(value) >= 1.5 else f"{value:.4f}"
 
 
+def outcome_lines(metrics: dict) -> str:
+    """What a reader must not miss: training stopped, the start kept, or ZeroQAT no better than the init."""
+    lines = []
+    if metrics.get("zeroqat_stopped"):
+        lines.append(f"**Training was stopped by the divergence guard** at {metrics['zeroqat_stopped']}.")
+    if metrics.get("zeroqat_kept") == "start":
+        lines.append("**ZeroQAT kept the starting model**: no later model had a lower held-out loss, so the "
+                     "`zeroqat` column is the init.")
+    init, trained = metrics.get("init", {}), metrics.get("zeroqat", {})
+    worse = [k for k in trained if k.endswith("_ppl") and k in init and trained[k] >= init[k]]
+    if worse:
+        lines.append(f"**ZeroQAT is not better than the init** on {', '.join(worse)}.")
+    return "".join("\n" + line for line in lines)
+
+
 def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
     q, t = recipe["quant"], recipe["train"]
     bits = f"W{q['w_bits']}A{q['a_bits']}" + (f"KV{q['kv_bits']}" if q["kv_bits"] < 16 else "")
@@ -71,9 +86,9 @@ def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
     return f"""# ZeroQAT run `{recipe['name']}`
 
 {recipe['model']}, {bits} group size {q['group_size']}, trainable {q['trainable']}, init {q['init']};
-{steps}, lr {t['lr']}, eps {t['eps']}; device {device}.
+{steps}, {t['step']} step, lr {t['lr']}, eps {t['eps']}; device {device}.
 Perplexity: {ev['split']} split, windows of {ev['seq_len']} tokens (at most {ev['max_windows'] or 'all'} per corpus).{tasks}
-`init` is the model ZO training starts from ({start}).
+`init` is the model ZO training starts from ({start}).{outcome_lines(metrics)}
 
 {metrics_table(metrics)}
 

@@ -1,13 +1,17 @@
 """The zeroth-order engine (noise, in-forward perturbation, SPSA, trajectory) and ZOTrainer."""
 
-from .estimator import loss_difference, projected_gradient, spsa_losses, step_seeds, zo_update
+from .estimator import (
+    loss_difference, normalized_gradients, projected_gradient, reference_scales, spsa_losses, step_seeds, zo_update,
+)
+from .guard import DivergenceGuard
 from .optimizer import ZODivergenceError, ZOOptimizer
 from .perturbation import ZOParameter, check_not_offloaded, perturbed, zo_parameters
 from .trainer import ZOTrainer, ZOTrainingArguments
 from .trajectory import Trajectory, replay_trajectory
 
 __all__ = [
-    "ZODivergenceError", "ZOOptimizer", "ZOParameter", "ZOTrainer", "ZOTrainingArguments", "Trajectory",
-    "check_not_offloaded", "loss_difference", "perturbed", "projected_gradient", "replay_trajectory", "spsa_losses",
+    "DivergenceGuard", "ZODivergenceError", "ZOOptimizer", "ZOParameter", "ZOTrainer", "ZOTrainingArguments", "Trajectory",
+    "check_not_offloaded", "loss_difference", "normalized_gradients", "perturbed", "projected_gradient", "reference_scales",
+    "replay_trajectory", "spsa_losses",
     "step_seeds", "zo_parameters", "zo_update",
 ]

@@ -3,11 +3,15 @@
 For a seed s with noise z = z(s, p) for every trainable parameter p:
     L+ = L(p + eps z),  L- = L(p - eps z),  g = (L+ - L-) / (2 eps)   (the projected gradient)
     p <- p - lr * g * z                                                 (averaged over q seeds)
-z is regenerated from s at every use and never stored.
+z is regenerated from s at every use and never stored. With the relative step (``ZOOptimizer(step="relative")``)
+each tensor's perturbation and update are multiplied by its reference scale r_p (``ZOParameter.scale``), and
+the g of the update is the projected gradient divided by its running RMS: the step moves each weight by
+about lr * r_p, whatever the model's weight and loss scales.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Callable, Optional, Sequence
 
@@ -54,7 +58,7 @@ def zo_update(
     lr: float,
     weight_decay: float = 0.0,
 ) -> None:
-    """p <- p (1 - lr wd) - lr * mean_i(g_i z_i) for every p in params (the caller decides which decay).
+    """p <- p (1 - lr wd) - lr * p.scale * mean_i(g_i z_i) for every p in params (the caller decides which decay).
 
     Deterministic: replaying it gives the same bits. bfloat16/float16 parameters are rounded
     stochastically, with bits drawn from the step's first seed (``add_noise_update_``).
@@ -62,4 +66,41 @@ def zo_update(
     terms = [(seed, -lr * g / len(seeds)) for seed, g in zip(seeds, grads) if g != 0.0]
     decay = 1.0 - lr * weight_decay
     for p in params:
-        add_noise_update_(p.param, p.key, terms, decay, rounding_seed=seeds[0])
+        # x * 1.0 is x: the absolute step (scale 1) gives the same bits as before scales existed
+        scaled = [(seed, coef * p.scale) for seed, coef in terms]
+        add_noise_update_(p.param, p.key, scaled, decay, rounding_seed=seeds[0])
+
+
+def reference_scales(params: list[ZOParameter]) -> list[float]:
+    """Each tensor's RMS (float64), the unit of its relative perturbation and step.
+
+    Measured once, when training starts, and recorded in the trajectory: a resumed run and a replay read the
+    recorded values instead of measuring the (by then trained) weights again on whatever device they are.
+    """
+    scales = [float(p.param.detach().double().pow(2).mean().sqrt()) for p in params]
+    bad = [(p.name, s) for p, s in zip(params, scales) if not (math.isfinite(s) and s > 0)]
+    if bad:
+        name, value = bad[0]
+        raise ValueError(
+            f"{len(bad)} trainable parameter(s) have an RMS of {value} (e.g. {name}): a step relative to the "
+            "tensor's scale is undefined for an all-zero or non-finite tensor. Freeze them, fix their "
+            "initialization, or train with zo_step='absolute'."
+        )
+    return scales
+
+
+def normalized_gradients(
+    grads: Sequence[float], second_moment: float, count: int, beta: float, clip: float
+) -> tuple[list[float], float]:
+    """The projected gradients divided by their running RMS and clipped to [-clip, clip]; and the new moment.
+
+    ``second_moment`` is the EMA (decay ``beta``) of the mean g^2 of the ``count`` steps before this one;
+    this step's g^2 is folded in first and the EMA bias-corrected, as Adam does for its second moment. With
+    one or a few queries per step a per-step spread (FZOO's std over its probes) is not available, so the
+    spread is a running one. The result is dimensionless: scaling the loss by any factor leaves it unchanged.
+    """
+    moment = beta * second_moment + (1.0 - beta) * sum(g * g for g in grads) / len(grads)
+    rms = math.sqrt(moment / (1.0 - beta ** (count + 1)))
+    if rms == 0.0:  # every projected gradient so far was exactly 0 (a flat quantized loss): no step
+        return [0.0] * len(grads), moment
+    return [max(-clip, min(clip, g / rms)) for g in grads], moment

@@ -5,6 +5,14 @@ differences to `accumulate`; `step()` turns the window's mean difference into pr
 and updates the parameters. It is a real `torch.optim.Optimizer` (param_groups hold lr and
 weight_decay), so transformers' LR schedulers, warmup and checkpointing work unchanged.
 
+The step (``step``): "absolute" is plain SPSA, p <- p - lr g z. "relative" (the default) perturbs each tensor
+by eps times its reference scale r_p (its RMS when training starts) and moves it by lr * r_p * g / rms(g) * z,
+with rms(g) a bias-corrected running RMS of the projected gradient (its EMA state is in ``state_dict``) and the
+ratio clipped to [-norm_clip, norm_clip]. lr and eps are then fractions of each tensor's own scale and the
+step no longer depends on the model's weight or loss scales, so one lr carries over to other models. The
+trajectory records the reference scales once and the coefficient applied at each step, so replay needs no
+optimizer state.
+
 Gradient accumulation: all micro-batches of one window share the step's seeds, and the projected
 gradient is the mean of their loss differences, i.e. the SPSA estimate on the window's whole batch.
 """
@@ -18,11 +26,13 @@ from typing import Collection, Optional
 import torch
 import torch.distributed as dist
 
-from .estimator import projected_gradient, step_seeds, zo_update
+from .estimator import normalized_gradients, projected_gradient, reference_scales, step_seeds, zo_update
 from .perturbation import ZOParameter
 from .trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
+
+ZO_STEPS = ("relative", "absolute")
 
 
 class ZODivergenceError(RuntimeError):
@@ -44,7 +54,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         max_nonfinite_steps: int = 10,
         decay_names: Optional[Collection[str]] = None,
+        step: str = "relative",
+        norm_beta: float = 0.99,
+        norm_clip: float = 3.0,
     ) -> None:
+        if step not in ZO_STEPS:
+            raise ValueError(f"zo_step must be one of {ZO_STEPS}, got {step!r}.")
+        if step == "relative" and grad_clip is not None:
+            raise ValueError(
+                f"zo_grad_clip={grad_clip} clips the absolute projected gradient; the relative step clips its "
+                "normalized gradient at zo_norm_clip standard deviations instead. Leave zo_grad_clip unset, or "
+                "use zo_step='absolute'."
+            )
+        if not 0.0 <= norm_beta < 1.0:
+            raise ValueError(f"zo_norm_beta must be in [0, 1), got {norm_beta}.")
+        if norm_clip <= 0:
+            raise ValueError(f"zo_norm_clip must be positive, got {norm_clip}.")
         if eps <= 0:
             raise ValueError(f"zo_eps must be positive, got {eps}.")
         if num_queries < 1:
@@ -67,13 +92,29 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.grad_clip = grad_clip
         self.seed = seed
         self.max_nonfinite_steps = max_nonfinite_steps
-        self.trajectory = Trajectory(eps, num_queries, [p.name for p in params], decay_names=[p.name for p in decayed])
+        self.step_kind = step
+        self.norm_beta = norm_beta
+        self.norm_clip = norm_clip
+        scales = reference_scales(params) if step == "relative" else None
+        self.trajectory = Trajectory(eps, num_queries, [p.name for p in params], decay_names=[p.name for p in decayed],
+                                     ref_scales=scales)
+        self._set_scales(scales)
         self.nonfinite_in_a_row = 0
-        self.last_grads: list[float] = []
+        # the relative step's running second moment of the projected gradient, over `norm_count` finite steps
+        self.norm_moment = 0.0
+        self.norm_count = 0
+        self.last_grads: list[float] = []  # the projected gradients of the last step (before normalization)
+        self.last_loss: Optional[float] = None  # the mean of its SPSA losses, for the divergence guard
+        self._loss_sum = 0.0
         self._reset_window()
+
+    def _set_scales(self, scales: Optional[list[float]]) -> None:
+        for p, scale in zip(self.zo_params, scales or [1.0] * len(self.zo_params)):
+            p.scale = scale
 
     def _reset_window(self) -> None:
         self._diff_sum = torch.zeros(self.num_queries, dtype=torch.float64)
+        self._loss_sum = 0.0
         self._micro_batches = 0
 
     @property
@@ -81,9 +122,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The seeds of the step being accumulated."""
         return step_seeds(self.seed, len(self.trajectory), self.num_queries)
 
-    def accumulate(self, loss_diffs: torch.Tensor) -> None:
-        """Add one micro-batch's L+ - L- (one value per query)."""
+    def accumulate(self, loss_diffs: torch.Tensor, mean_loss: Optional[float] = None) -> None:
+        """Add one micro-batch's L+ - L- (one value per query) and, for the log, the mean of its losses."""
         self._diff_sum += loss_diffs.detach().to("cpu", torch.float64)
+        self._loss_sum += float("nan") if mean_loss is None else float(mean_loss)
         self._micro_batches += 1
 
     @torch.no_grad()
@@ -92,6 +134,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("ZOOptimizer takes no closure: the trainer feeds it loss differences.")
         diffs, count = self._all_reduce(self._diff_sum, self._micro_batches)
         seeds = self.seeds
+        self.last_loss = self._loss_sum / max(self._micro_batches, 1)  # this process' share of the batch
         self._reset_window()
         if count == 0:
             raise RuntimeError("ZOOptimizer.step() was called without any accumulated loss difference.")
@@ -99,15 +142,34 @@ class ZOOptimizer(torch.optim.Optimizer):
         mean_diff = diffs / count
         if not torch.isfinite(mean_diff).all():
             grads, weight_decay = [0.0] * self.num_queries, 0.0  # recorded as a no-op so replay stays aligned
+            self.last_grads = grads
             self._on_nonfinite()
         else:
             self.nonfinite_in_a_row = 0
             grads = [projected_gradient(float(d), self.eps, self.grad_clip) for d in mean_diff]
+            self.last_grads = grads
+            grads = self._normalized(grads)
             weight_decay = self.param_groups[0]["weight_decay"]  # the decayed group comes first
             for group, params in zip(self.param_groups, self.zo_groups):
                 zo_update(params, seeds, grads, lr, group["weight_decay"])
-        self.last_grads = grads
         self.trajectory.append(seeds, grads, lr, weight_decay)
+
+    def _normalized(self, grads: list[float]) -> list[float]:
+        """The coefficients the update applies: the projected gradients themselves, or (relative step) in units
+        of their running RMS."""
+        if self.step_kind == "absolute":
+            return grads
+        coefs, self.norm_moment = normalized_gradients(grads, self.norm_moment, self.norm_count, self.norm_beta,
+                                                       self.norm_clip)
+        self.norm_count += 1
+        return coefs
+
+    @property
+    def grad_rms(self) -> Optional[float]:
+        """The relative step's running RMS of the projected gradient (None for the absolute step or before a step)."""
+        if self.step_kind == "absolute" or self.norm_count == 0:
+            return None
+        return (self.norm_moment / (1.0 - self.norm_beta ** self.norm_count)) ** 0.5
 
     def _lr(self) -> float:
         """The step's learning rate: one for all groups, because the trajectory records one."""
@@ -139,7 +201,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["zo"] = {"trajectory": self.trajectory.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        state["zo"] = {"trajectory": self.trajectory.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                       "norm_moment": self.norm_moment, "norm_count": self.norm_count}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -152,7 +215,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         trajectory.decay_names = self.trajectory.decay_names  # the same set, or no decay recorded yet
         self.trajectory = trajectory
+        self._set_scales(trajectory.ref_scales)  # the scales measured when the run started, not the trained weights'
         self.nonfinite_in_a_row = zo["nonfinite_in_a_row"]
+        self.norm_moment = float(zo.get("norm_moment", 0.0))
+        self.norm_count = int(zo.get("norm_count", 0))
 
     def _check_same_run(self, recorded: Trajectory) -> None:
         """Refuse a checkpoint whose recorded steps this optimizer would not continue: one trajectory, one setting."""
@@ -162,6 +228,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"({len(recorded.param_names)} vs {len(self.trajectory.param_names)}): resume with the same model and config."
             )
         changed = []
+        recorded_step = "absolute" if recorded.ref_scales is None else "relative"
+        if recorded_step != self.step_kind:
+            changed.append(f"zo_step {recorded_step!r} (now {self.step_kind!r})")
         if recorded.eps != self.eps:
             changed.append(f"zo_eps {recorded.eps!r} (now {self.eps!r})")
         if recorded.num_queries != self.num_queries:

@@ -1,10 +1,11 @@
 """Perturbing a model's trainable parameters inside its forward, without ever writing them.
 
-For a seed s and a scale c, every trainable parameter p is seen by its module as p + c * z(s, p) for
+For a seed s and a scale c, every trainable parameter p is seen by its module as p + c * r_p * z(s, p) for
 the duration of that module's forward only: a forward pre-hook swaps the perturbed tensor in, a
 forward hook swaps the stored parameter back. The stored parameters are never modified, so after a
 +eps and a -eps pass they are bit-identical to before (no drift), and the extra memory is one
-module's perturbed weights at a time. This works for any module whose forward reads its parameters
+module's perturbed weights at a time. r_p is the parameter's reference scale (``ZOParameter.scale``): 1 for
+the absolute step, the tensor's RMS at the start of training for the relative one. This works for any module whose forward reads its parameters
 (nn.Linear, LoRA's lora_A/lora_B, ZQATLinear's ParameterDict entries, norms, embeddings).
 
 A module may instead take the perturbation into its own forward: if it has ``set_weight_noise(holder,
@@ -37,6 +38,8 @@ class ZOParameter:
     key: int
     # (module whose forward reads the parameter, holder of the parameter, attribute name in the holder)
     sites: list[tuple[nn.Module, nn.Module, str]] = field(default_factory=list)
+    # perturbation and update sizes are multiplied by it: 1.0 (absolute step) or the tensor's reference scale
+    scale: float = 1.0
 
 
 def check_not_offloaded(model: nn.Module) -> None:
@@ -87,7 +90,7 @@ def _calling_module(modules: dict[str, nn.Module], holder_name: str) -> nn.Modul
 
 @contextlib.contextmanager
 def perturbed(params: list[ZOParameter], seed: int, scale: float) -> Iterator[None]:
-    """Inside this block, every forward sees each parameter as p + scale * z(seed, p).
+    """Inside this block, every forward sees each parameter as p + scale * p.scale * z(seed, p).
 
     Raises if a parameter was never swapped in during the block (it is read outside its module's
     forward), because its perturbation would silently be missing from the loss difference.
@@ -96,13 +99,13 @@ def perturbed(params: list[ZOParameter], seed: int, scale: float) -> Iterator[No
     for p in params:
         for caller, holder, attr in p.sites:
             sites_by_module.setdefault(caller, []).append((holder, attr, p))
-    noise = {id(p): WeightNoise(seed, p.key, scale) for p in params}  # built once; checks the scale
+    noise = {id(p): WeightNoise(seed, p.key, scale * p.scale) for p in params}  # built once; checks the scale
     used: set[int] = set()
 
     def swap_in(module: nn.Module, args) -> None:
         for holder, attr, p in sites_by_module[module]:
             if not _set_noise(module, holder, attr, noise[id(p)]):
-                holder._parameters[attr] = add_scaled_noise(p.param, seed, p.key, scale)
+                holder._parameters[attr] = add_scaled_noise(p.param, seed, p.key, noise[id(p)].scale)
             used.add(id(p))
 
     def swap_back(module: nn.Module, args, output) -> None:

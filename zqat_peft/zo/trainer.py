@@ -20,7 +20,8 @@ from transformers import Trainer, TrainingArguments
 
 from ..tuner.layer import ZQATLayer
 from .estimator import loss_difference, spsa_losses
-from .optimizer import ZOOptimizer
+from .guard import DivergenceGuard
+from .optimizer import ZO_STEPS, ZOOptimizer
 from .perturbation import check_not_offloaded, zo_parameters
 
 logger = logging.getLogger(__name__)
@@ -28,11 +29,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ZOTrainingArguments(TrainingArguments):
-    zo_eps: float = field(default=1e-3, metadata={"help": "SPSA perturbation size eps."})
+    zo_step: str = field(default="relative", metadata={
+        "help": "'relative': eps and learning_rate are fractions of each tensor's RMS and the projected gradient is "
+                "divided by its running RMS (one lr carries over to other models); 'absolute': p -= lr * g * z."})
+    zo_eps: float = field(default=1e-3, metadata={
+        "help": "SPSA perturbation size eps (relative step: a fraction of each tensor's RMS)."})
     zo_num_queries: int = field(default=1, metadata={"help": "Perturbations per step; their updates are averaged."})
     zo_grad_clip: Optional[float] = field(
-        default=None, metadata={"help": "Clip the projected gradient to [-c, c] (off by default)."}
+        default=None, metadata={"help": "Absolute step: clip the projected gradient to [-c, c] (off by default)."}
     )
+    zo_norm_beta: float = field(
+        default=0.99, metadata={"help": "Relative step: EMA decay of the projected gradient's running second moment."}
+    )
+    zo_norm_clip: float = field(
+        default=3.0, metadata={"help": "Relative step: clip the normalized gradient to this many running RMS."}
+    )
+    zo_divergence_guard: bool = field(default=True, metadata={
+        "help": "Stop when the held-out (or running training) loss rises far above the start's and restore the "
+                "best model (zqat_peft.zo.guard.DivergenceGuard)."})
     zo_max_nonfinite_steps: int = field(
         default=10, metadata={"help": "Stop after this many NaN/inf losses in a row (each one skips its update)."}
     )
@@ -60,6 +74,13 @@ class ZOTrainingArguments(TrainingArguments):
             raise ValueError(f"zo_eps must be positive, got {self.zo_eps}.")
         if self.zo_num_queries < 1:
             raise ValueError(f"zo_num_queries must be at least 1, got {self.zo_num_queries}.")
+        if self.zo_step not in ZO_STEPS:
+            raise ValueError(f"zo_step must be one of {ZO_STEPS}, got {self.zo_step!r}.")
+        if self.zo_step == "relative" and self.zo_grad_clip is not None:
+            raise ValueError(
+                f"zo_grad_clip={self.zo_grad_clip} clips the absolute projected gradient; with zo_step='relative' "
+                "the normalized gradient is clipped at zo_norm_clip instead. Unset zo_grad_clip or use zo_step='absolute'."
+            )
         super().__post_init__()
 
 
@@ -97,11 +118,18 @@ class ZOTrainer(Trainer):
         if kwargs.get("optimizer_cls_and_kwargs") is not None:
             raise ValueError("ZOTrainer builds its own ZOOptimizer; pass no optimizer_cls_and_kwargs.")
         super().__init__(model=model, args=args, **kwargs)
+        if args.zo_divergence_guard and not any(isinstance(c, DivergenceGuard) for c in self.callback_handler.callbacks):
+            self.add_callback(DivergenceGuard())
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "DeepSpeed and FSDP shard the trained weights, which breaks the seeded perturbation every process "
                 "must apply to the same full weights. Use plain multi-process data parallelism (accelerate launch)."
             )
+
+    @property
+    def divergence_guard(self) -> Optional[DivergenceGuard]:
+        """The guard watching this run (None with zo_divergence_guard=False and none passed in callbacks)."""
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, DivergenceGuard)), None)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """transformers' choice (no biases, no norms), less ZeroQAT's scales, clipping logits and smoothing scales."""
@@ -121,6 +149,9 @@ class ZOTrainer(Trainer):
                 weight_decay=args.weight_decay,
                 seed=args.seed,
                 max_nonfinite_steps=args.zo_max_nonfinite_steps,
+                step=args.zo_step,
+                norm_beta=args.zo_norm_beta,
+                norm_clip=args.zo_norm_clip,
             )
         return self.optimizer
 
@@ -146,16 +177,18 @@ class ZOTrainer(Trainer):
                 return self.compute_loss(model, dict(inputs))
 
         pairs = [spsa_losses(zo.zo_params, loss_fn, seed, zo.eps) for seed in zo.seeds]
-        zo.accumulate(torch.stack([loss_difference(pos, neg) for pos, neg in pairs]))
         loss = torch.stack([pos.double() + neg.double() for pos, neg in pairs]).mean() / 2
+        zo.accumulate(torch.stack([loss_difference(pos, neg) for pos, neg in pairs]), float(loss))
         return loss.to(self.args.device, torch.float32) / self.current_gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs:
             logs.pop("grad_norm", None)  # always 0: there are no gradients
-            grads = self.zo_optimizer.last_grads
-            if grads:
-                logs["projected_grad"] = sum(grads) / len(grads)
+            zo = self.zo_optimizer
+            if zo.last_grads:
+                logs["projected_grad"] = sum(zo.last_grads) / len(zo.last_grads)
+            if zo.grad_rms is not None:
+                logs["projected_grad_rms"] = zo.grad_rms
         super().log(logs, start_time)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:

@@ -1,9 +1,11 @@
-"""The record of a ZO run: per step, the seeds, projected gradients, learning rate and weight decay.
+"""The record of a ZO run: per step, the seeds, applied gradient coefficients, learning rate and weight decay.
 
 Together with the starting model this is the whole run: `replay_trajectory` re-applies every update
 and gives the trained weights bit for bit. 10,000 steps take a few hundred KB. The names of the
 weight-decayed parameters are recorded once; a trajectory written before they were (``decay_names``
-None) decayed every parameter and rounded half-precision updates to nearest.
+None) decayed every parameter and rounded half-precision updates to nearest. A relative-step run also records
+each parameter's reference scale (``ref_scales``, measured once when it started); ``grads`` then holds the
+normalized coefficients the updates applied, not the raw projected gradients.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Trajectory:
     lrs: list[float] = field(default_factory=list)
     weight_decays: list[float] = field(default_factory=list)
     decay_names: Optional[list[str]] = None  # None: recorded before decay was restricted (every parameter)
+    ref_scales: Optional[list[float]] = None  # None: the absolute step (every scale 1)
 
     def __len__(self) -> int:
         return len(self.lrs)
@@ -53,6 +56,7 @@ class Trajectory:
             "eps": self.eps, "num_queries": self.num_queries, "param_names": list(self.param_names),
             "seeds": self.seeds, "grads": self.grads, "lrs": self.lrs, "weight_decays": self.weight_decays,
             "decay_names": None if self.decay_names is None else list(self.decay_names),
+            "ref_scales": None if self.ref_scales is None else list(self.ref_scales),
         }
 
     @classmethod
@@ -68,6 +72,8 @@ class Trajectory:
             "lrs": torch.tensor(self.lrs, dtype=torch.float64),
             "weight_decays": torch.tensor(self.weight_decays, dtype=torch.float64),
         }
+        if self.ref_scales is not None:
+            tensors["ref_scales"] = torch.tensor(self.ref_scales, dtype=torch.float64)
         meta = {"eps": repr(self.eps), "num_queries": str(q), "noise": NOISE_VERSION,
                 "param_names": json.dumps(self.param_names)}
         if self.decay_names is not None:
@@ -94,6 +100,7 @@ class Trajectory:
             seeds=t["seeds"].tolist(), grads=t["grads"].tolist(), lrs=t["lrs"].tolist(),
             weight_decays=t["weight_decays"].tolist(),
             decay_names=json.loads(meta["decay_names"]) if "decay_names" in meta else None,
+            ref_scales=t["ref_scales"].tolist() if "ref_scales" in t else None,
         )
 
 
@@ -122,6 +129,8 @@ def replay_trajectory(model: nn.Module, trajectory: Union[Trajectory, str, Path]
             "This trajectory was recorded before half-precision updates were rounded stochastically: it cannot be "
             "replayed on bfloat16/float16 trainable parameters. Replay it with the version that recorded it."
         )
+    for p, scale in zip(params, trajectory.ref_scales or [1.0] * len(params)):
+        p.scale = scale
     decayed_names = set(trajectory.decayed_names())
     decayed = [p for p in params if p.name in decayed_names]
     kept = [p for p in params if p.name not in decayed_names]
