@@ -660,3 +660,15 @@ def test_deepspeed_and_fsdp_are_refused(tmp_path, monkeypatch, flag):
     monkeypatch.setattr(ZOTrainer, "create_accelerator_and_postprocess", create_with_sharding)
     with pytest.raises(ValueError, match="DeepSpeed and FSDP"):
         ZOTrainer(model=zqat_llama("scales"), args=zo_args(tmp_path), train_dataset=RepeatedBatch())
+
+
+def test_a_truncated_trajectory_file_is_one_line_naming_it(tmp_path):
+    from zqat_peft.files import CorruptFileError
+    from zqat_peft.zo import Trajectory
+
+    trajectory = Trajectory(1e-3, 1, ["w"])
+    trajectory.append([1], [0.5], 1e-5, 0.0)
+    path = trajectory.save(tmp_path)
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(CorruptFileError, match=str(path)):
+        Trajectory.load(tmp_path)

@@ -105,7 +105,7 @@ mod 2**32 (two's complement). Three exact identities cut the work:
   below 2**18 there, so the int32 adds never overflow).
 
 On CPU, ``add_scaled_noise`` / ``add_scaled_noise_`` run a compiled kernel instead
-(``cuda_ext/zo_noise_cpu.cpp``, loaded by ``zqat_peft.kernels.cpu_noise_ext``) that computes the same
+(``zqat_peft/cuda_ext/zo_noise_cpu.cpp``, loaded by ``zqat_peft.kernels.cpu_noise_ext``) that computes the same
 bits 10-20x faster per thread; without a compiler, or with ``ZQAT_NO_EXT=1``, the PyTorch path below runs.
 
 Parameters are processed in chunks of ``CHUNK_ELEMS[device type]`` elements (a power of two) through

@@ -11,7 +11,7 @@ Conventions (shared with the GPTQ export path):
 * All arithmetic is float32 regardless of the input dtype, so bf16/fp16 models quantize to the
   same codes as their float32 upcast.
 
-Without autograd, contiguous CUDA tensors go through the CUDA kernels of ``cuda_ext/`` (one pass over
+Without autograd, contiguous CUDA tensors go through the CUDA kernels of ``zqat_peft/cuda_ext/`` (one pass over
 the tensor instead of a chain of PyTorch ops); they compute the same bits (tests/test_kernels.py).
 """
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .estimator import zo_update
+from ..files import load_safetensors
 from ..noise import NOISE_VERSION
 from .perturbation import zo_parameters
 
@@ -86,15 +87,10 @@ class Trajectory:
         path = Path(path)
         if path.is_dir():
             path = path / TRAJECTORY_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"No ZO trajectory at {path}: checkpoints written by ZOTrainer hold {TRAJECTORY_FILE}.")
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
+        fix = f"checkpoints written by ZOTrainer hold a whole {TRAJECTORY_FILE}: resume from another checkpoint"
+        t, meta = load_safetensors(path, fix)
         if meta.get("noise") != NOISE_VERSION:
             raise ValueError(f"{path} was recorded with noise {meta.get('noise')!r}; this version replays {NOISE_VERSION!r}.")
-        t = load_file(str(path))
         return cls(
             eps=float(meta["eps"]), num_queries=int(meta["num_queries"]), param_names=json.loads(meta["param_names"]),
             seeds=t["seeds"].tolist(), grads=t["grads"].tolist(), lrs=t["lrs"].tolist(),
