@@ -89,6 +89,12 @@ class ZeroQATConfig(PeftConfig):
         default=0.01, metadata={"help": "GPTQ dampening: fraction of the mean Hessian diagonal added to it."}
     )
     gptq_block_size: int = field(default=128, metadata={"help": "GPTQ: columns per block of deferred updates."})
+    rotate: bool = field(
+        default=False,
+        metadata={"help": "Rotate the residual stream (QuaRot-style, zqat_peft.rotation) before quantizing: "
+                          "LLaMA-style models; the same seed rebuilds the same rotated base when the adapter is loaded."},
+    )
+    rotation_seed: int = field(default=0, metadata={"help": "Seed of the random orthogonal rotation."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
