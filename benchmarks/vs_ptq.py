@@ -9,7 +9,7 @@ evaluated by zqat_peft's own perplexity (the whole wiki test split, 512-token wi
   W4A4: GPTQ on the per-channel weights, the inputs of every linear layer fake-quantized per token
   in the evaluation, as ZeroQAT does.
 - ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq, ``clipping`` learned (the config's
-  calib_epochs) or the MSE grid alone (calib_epochs=0).
+  calib_epochs) or the MSE grid alone (calib_epochs=0); ``rotate``: the residual stream rotated first.
 
 llm-compressor pins other versions of transformers than the project, so it runs in an environment of its
 own, as a subprocess (benchmarks/llmc_gptq.py) that writes back the quantized weights::
@@ -22,7 +22,7 @@ then name its Python with ``--llmc-python`` (or ``LLMC_PYTHON``); without one th
 Rows are appended to ``--out`` as they finish (a rerun skips rows already there), a list of
 ``{"setting", "method", "wiki_ppl", ...}``::
 
-    python benchmarks/vs_ptq.py --llmc-python ../venvs/llmc/bin/python --settings W3A16g64 W2A16g64
+    PYTHONPATH=. python benchmarks/vs_ptq.py --llmc-python ../venvs/llmc/bin/python --settings W3A16g64 W2A16g64
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ METHODS = {
     "init": {"method": "init", "rounding": "nearest", "clipping": "learned"},
     "init-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned"},
     "init-gptq-msegrid": {"method": "init", "rounding": "gptq", "clipping": "mse-grid"},
+    "init-rotate": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True},
+    "init-rotate-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned", "rotate": True},
 }
 
 
@@ -108,7 +110,7 @@ def main() -> None:
 
 
 def _same_row(a: dict, b: dict) -> bool:
-    keys = ("setting", "method", "observer", "rounding", "clipping", "windows", "calib_tokens")
+    keys = ("setting", "method", "observer", "rounding", "clipping", "rotate", "windows", "calib_tokens")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -123,7 +125,7 @@ def build(args, setting: str, name: str, calib: list[torch.Tensor]) -> nn.Module
         return get_peft_model(model, ZeroQATConfig(trainable="scales", **settings))
     epochs = 0 if method["clipping"] == "mse-grid" else epochs
     config = ZeroQATConfig(trainable="scales", init="calibrate", calib_epochs=epochs, rounding=method["rounding"],
-                           **settings)
+                           rotate=method.get("rotate", False), **settings)
     return zqat_peft.calibrate(get_peft_model(model, config), calib, progress=False)
 
 
@@ -160,7 +162,7 @@ def _save(path: Path, rows: list[dict]) -> None:
 def print_table(rows: list[dict]) -> None:
     print("| setting | method | variant | wiki_ppl | quantize s |\n|---|---|---|---|---|")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("observer", "rounding", "clipping") if k in r)
+        variant = ", ".join(f"{k}={r[k]}" for k in ("observer", "rounding", "clipping", "rotate") if k in r)
         print(f"| {r['setting']} | {r['method']} | {variant} | {r['wiki_ppl']:.2f} | {r['quantize_seconds']:.0f} |")
 
 
