@@ -4,11 +4,12 @@ For each decoder block: the block's full-precision output on the inputs it recei
 quantized model is the target; the clipping logits of its layers (and, with activation
 quantization, a smoothing scale s per group of layers that share an input, initialised
 SmoothQuant-style from activation maxima) are trained with Adam to minimise the MSE between the
-quantized block's output and that target. Then s is folded into the master weights, frozen layers
-are packed, and the quantized block's outputs become the next block's inputs. Peak memory is one
-block plus the cached hidden states of the calibration set. Targeted layers outside the blocks
-(OPT's project_in / project_out) get the clipping grid's best start only, and are packed if frozen,
-so a calibrated model holds no frozen float layer.
+quantized block's output and that target. Then s is folded into the master weights, with
+``rounding="gptq"`` each layer is rounded by GPTQ on that grid (`rounding.py`), frozen layers are packed,
+and the quantized block's outputs become the next block's inputs. Peak memory is one block plus the
+cached hidden states of the calibration set. Targeted layers outside the blocks (OPT's project_in /
+project_out) get the clipping grid's best start only, and are packed if frozen, so a calibrated model
+holds no frozen float layer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..quant import fake_quantize_weight
 from ..tuner.config import ZeroQATConfig
 from ..tuner.layer import CLIP_INIT_LOGIT, ZQATLinear
 from .blocks import BlockInput, capture_first_block_inputs, find_decoder_blocks, move_input, run_block
+from .rounding import gptq_round_block
 
 # Clipping starts at the per-group factor (from this grid) that minimises the weight's quantization
 # MSE, then the block's output MSE refines it; at 2 bits the grid alone takes the model from ruined
@@ -67,6 +69,8 @@ def calibrate(
         with _full_precision(layers), torch.no_grad():
             targets = [run_block(block, inp, dtype).float() for inp in inputs]
         calibrate_block(block, layers, inputs, targets, adapter, config, epochs, lr, smooth_lr)
+        if config.rounding == "gptq":
+            gptq_round_block(block, layers, inputs, adapter, config)
         for layer in layers:
             if not layer.is_trained(adapter):
                 layer.pack(adapter)

@@ -12,6 +12,7 @@ from .registration import zqat_peft_type
 
 TRAINABLE_MODES = ("full", "lightweight", "scales")
 INIT_MODES = ("rtn", "calibrate")
+ROUNDING_MODES = ("nearest", "gptq")
 
 
 @dataclass
@@ -40,7 +41,9 @@ class ZeroQATConfig(PeftConfig):
 
     ``init="rtn"`` packs frozen layers right away (round-to-nearest). ``init="calibrate"`` keeps them in
     float form until `zqat_peft.calibrate(model, data)` has learned clipping (and smoothing), then packs
-    them and sets ``calibrated=True``; a model loaded from such a checkpoint is rebuilt packed.
+    them and sets ``calibrated=True``; a model loaded from such a checkpoint is rebuilt packed. With
+    ``rounding="gptq"`` calibration then rounds each layer with GPTQ on the calibrated grid (trained
+    layers' master weights start from that rounding too).
     """
 
     w_bits: int = field(default=4, metadata={"help": f"Weight bits, one of {WEIGHT_BITS}."})
@@ -88,6 +91,21 @@ class ZeroQATConfig(PeftConfig):
     calibrated: bool = field(
         default=False, metadata={"help": "Set by zqat_peft.calibrate once calibration has run; not set by hand."}
     )
+    rounding: Literal["nearest", "gptq"] = field(
+        default="nearest",
+        metadata={"help": "With init='calibrate': how weights are rounded onto the calibrated grid, 'nearest' or "
+                          "'gptq' (error-compensating, on the calibration inputs; zqat_peft.calibration.gptq)."},
+    )
+    gptq_damp: float = field(
+        default=0.01, metadata={"help": "GPTQ dampening: fraction of the mean Hessian diagonal added to it."}
+    )
+    gptq_block_size: int = field(default=128, metadata={"help": "GPTQ: columns per block of deferred updates."})
+    rotate: bool = field(
+        default=False,
+        metadata={"help": "Rotate the residual stream (QuaRot-style, zqat_peft.rotation) before quantizing: "
+                          "LLaMA-style models; the same seed rebuilds the same rotated base when the adapter is loaded."},
+    )
+    rotation_seed: int = field(default=0, metadata={"help": "Seed of the random orthogonal rotation."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,12 +119,22 @@ class ZeroQATConfig(PeftConfig):
             raise ValueError(f"trainable must be one of {TRAINABLE_MODES}, got {self.trainable!r}.")
         if self.init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}.")
+        self._check_rounding()
         if self.trainable == "lightweight" and not self.trainable_modules:
             raise ValueError("trainable='lightweight' needs trainable_modules (e.g. ['q_proj', 'v_proj']).")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+
+    def _check_rounding(self) -> None:
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}.")
+        if self.rounding == "gptq" and self.init != "calibrate":
+            raise ValueError("rounding='gptq' rounds on calibration inputs: it needs init='calibrate'.")
+        if self.gptq_damp < 0 or self.gptq_block_size < 1:
+            raise ValueError(f"gptq_damp must be >= 0 and gptq_block_size >= 1, got {self.gptq_damp} and "
+                             f"{self.gptq_block_size}.")
 
     def is_trained(self, module_name: str) -> bool:
         """Whether the layer called `module_name` keeps a master weight that ZO training updates."""

@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..quant import resolve_group_size
+from ..rotation import rotate_model
 from .config import ZeroQATConfig
 from .layer import LayerQuantSpec, ZQATLayer, ZQATLinear
 from .registration import PREFIX
@@ -110,6 +111,10 @@ class ZeroQATModel(BaseTuner):
                     f"trainable_modules {config.trainable_modules} match none of the quantized layers, so nothing "
                     f"would be trained: name them by suffix, one of {suffixes}."
                 )
+
+    def _prepare_model(self, peft_config: ZeroQATConfig, model: nn.Module) -> None:
+        if peft_config.rotate:  # before the layers are swapped: the rotation is fused into the float weights
+            rotate_model(model, peft_config.rotation_seed)
 
     def _post_injection_hook(self, model: nn.Module, config: ZeroQATConfig, adapter_name: str) -> None:
         if config.packs_frozen_layers:

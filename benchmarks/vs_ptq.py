@@ -1,0 +1,170 @@
+"""ZeroQAT's initialization against a ready PTQ (llm-compressor's GPTQ), one protocol for all.
+
+SmolLM2-135M; every method gets the same calibration tokens (64 x 512 of the wiki train split) and is
+evaluated by zqat_peft's own perplexity (the whole wiki test split, 512-token windows). Rows:
+
+- ``rtn``: round to nearest, min-max ranges.
+- ``gptq``: llm-compressor's GPTQModifier with its default settings (block 128, dampening 0.01,
+  static act-order, min-max observer); ``gptq`` with ``observer=mse``: its MSE-searched ranges.
+  W4A4: GPTQ on the per-channel weights, the inputs of every linear layer fake-quantized per token
+  in the evaluation, as ZeroQAT does.
+- ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq, ``clipping`` learned (the config's
+  calib_epochs) or the MSE grid alone (calib_epochs=0); ``rotate``: the residual stream rotated first.
+
+llm-compressor pins other versions of transformers than the project, so it runs in an environment of its
+own, as a subprocess (benchmarks/llmc_gptq.py) that writes back the quantized weights::
+
+    python -m venv ../venvs/llmc
+    ../venvs/llmc/bin/pip install torch==2.13.0   # first: the CPU wheel, not the default CUDA build
+    ../venvs/llmc/bin/pip install llmcompressor
+
+then name its Python with ``--llmc-python`` (or ``LLMC_PYTHON``); without one the gptq rows are skipped.
+Rows are appended to ``--out`` as they finish (a rerun skips rows already there), a list of
+``{"setting", "method", "wiki_ppl", ...}``::
+
+    PYTHONPATH=. python benchmarks/vs_ptq.py --llmc-python ../venvs/llmc/bin/python --settings W3A16g64 W2A16g64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import zqat_peft
+from zqat_peft import ZeroQATConfig
+from zqat_peft.data import load_model_and_tokenizer, load_text
+from zqat_peft.data.assets import resolve_model_path
+from zqat_peft.evaluation import encode_joined, perplexity, token_windows
+from zqat_peft.quant import fake_quantize_activation
+
+# name -> (quantization settings, epochs of learned clipping)
+SETTINGS = {
+    "W2A16g64": (dict(w_bits=2, group_size=64), 4),
+    "W3A16g64": (dict(w_bits=3, group_size=64), 2),
+    "W4A16g64": (dict(w_bits=4, group_size=64), 2),
+    "W4A4": (dict(w_bits=4, a_bits=4, group_size=-1), 2),
+}
+# name -> the row's fixed keys
+METHODS = {
+    "rtn": {"method": "rtn"},
+    "gptq": {"method": "gptq", "observer": "minmax"},
+    "gptq-mse": {"method": "gptq", "observer": "mse"},
+    "init": {"method": "init", "rounding": "nearest", "clipping": "learned"},
+    "init-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned"},
+    "init-gptq-msegrid": {"method": "init", "rounding": "gptq", "clipping": "mse-grid"},
+    "init-rotate": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True},
+    "init-rotate-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned", "rotate": True},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--windows", type=int, default=None, help="512-token test windows (default: all)")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--llmc-python", default=os.environ.get("LLMC_PYTHON"),
+                        help="the Python of an environment with llm-compressor (gptq rows)")
+    parser.add_argument("--out", default="benchmarks/results/vs_ptq.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    windows = token_windows(encode_joined(tokenizer, load_text("wiki", "test")), 512, args.windows)
+    train_ids = encode_joined(tokenizer, load_text("wiki", "train"))
+    calib = zqat_peft.calibration_batches(train_ids, args.calib_samples, args.calib_seq_len, batch_size=1)
+    del model
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    common = {"model": args.model, "windows": len(windows), "calib_tokens": f"{args.calib_samples}x{args.calib_seq_len}",
+              "threads": torch.get_num_threads()}
+    for setting in args.settings:
+        for name in args.methods:
+            row = {"setting": setting, **METHODS[name], **common}
+            if any(_same_row(r, row) for r in rows):
+                continue
+            if row["method"] == "gptq" and not args.llmc_python:
+                print(f"{setting} {name}: skipped (no --llmc-python)", flush=True)
+                continue
+            start = time.perf_counter()
+            quantized = build(args, setting, name, calib)
+            row["quantize_seconds"] = round(time.perf_counter() - start, 1)
+            row["wiki_ppl"] = perplexity(quantized, windows)
+            rows.append(row)
+            _save(out, rows)
+            print(f"{setting:10s} {name:18s} wiki_ppl {row['wiki_ppl']:10.2f}  ({row['quantize_seconds']:.0f} s)", flush=True)
+    print_table(rows)
+
+
+def _same_row(a: dict, b: dict) -> bool:
+    keys = ("setting", "method", "observer", "rounding", "clipping", "rotate", "windows", "calib_tokens")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def build(args, setting: str, name: str, calib: list[torch.Tensor]) -> nn.Module:
+    """The quantized model of one row."""
+    settings, epochs = SETTINGS[setting]
+    method = METHODS[name]
+    model, _ = load_model_and_tokenizer(args.model)
+    if method["method"] == "gptq":
+        return llmc_gptq(args, model, settings, method["observer"], calib)
+    if method["method"] == "rtn":
+        return get_peft_model(model, ZeroQATConfig(trainable="scales", **settings))
+    epochs = 0 if method["clipping"] == "mse-grid" else epochs
+    config = ZeroQATConfig(trainable="scales", init="calibrate", calib_epochs=epochs, rounding=method["rounding"],
+                           rotate=method.get("rotate", False), **settings)
+    return zqat_peft.calibrate(get_peft_model(model, config), calib, progress=False)
+
+
+def llmc_gptq(args, model: nn.Module, settings: dict, observer: str, calib: list[torch.Tensor]) -> nn.Module:
+    """``model`` with llm-compressor's GPTQ weights (run in its own environment); activations quantized per
+    token at the inputs of the same layers when the setting quantizes them."""
+    runner = Path(__file__).with_name("llmc_gptq.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path, out_path = Path(tmp) / "calib.pt", Path(tmp) / "weights.pt"
+        torch.save(torch.cat(calib), ids_path)
+        cmd = [args.llmc_python, str(runner), str(resolve_model_path(args.model)), str(ids_path), str(out_path),
+               "--bits", str(settings["w_bits"]), "--group-size", str(settings["group_size"])]
+        if observer != "minmax":
+            cmd += ["--observer", observer]
+        subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
+        weights = torch.load(out_path)["weights"]
+    for layer_name, weight in weights.items():
+        model.get_submodule(layer_name).weight.data.copy_(weight)
+    a_bits = settings.get("a_bits", 16)
+    if a_bits < 16:
+        for layer_name in weights:
+            model.get_submodule(layer_name).register_forward_pre_hook(
+                lambda module, inputs: (fake_quantize_activation(inputs[0], a_bits),))
+    return model
+
+
+def _save(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(path)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| setting | method | variant | wiki_ppl | quantize s |\n|---|---|---|---|---|")
+    for r in rows:
+        variant = ", ".join(f"{k}={r[k]}" for k in ("observer", "rounding", "clipping", "rotate") if k in r)
+        print(f"| {r['setting']} | {r['method']} | {variant} | {r['wiki_ppl']:.2f} | {r['quantize_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""GPTQ rounding: the pure algorithm, and calibration with rounding='gptq'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from zqat_peft import ZeroQATConfig, ZQATLinear
+from zqat_peft.calibration import calibrate, calibration_batches
+from zqat_peft.calibration.gptq import add_to_hessian, code_range, gptq_round
+from zqat_peft.quant import dequantize_weight, fake_quantize_weight, quantize_weight, unpack_int, weight_qparams
+
+from .conftest import tiny_model
+
+
+def _correlated_inputs(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Tokens whose features are strongly correlated (a non-identity Hessian, as real activations give)."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dim, dim, generator=gen) / dim**0.5 + torch.eye(dim)
+    scales = torch.rand(dim, generator=gen) * 3 + 0.1
+    return (torch.randn(n, dim, generator=gen) @ mixing) * scales
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    h = torch.zeros(x.shape[1], x.shape[1])
+    add_to_hessian(h, 0, x)
+    return h
+
+
+def _output_error(x: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    return (x @ weight.t() - x @ quantized.t()).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (3, False), (4, False), (4, True)])
+def test_gptq_lowers_the_output_error_against_round_to_nearest(bits, symmetric):
+    x = _correlated_inputs(2048, 128)
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    scale, zero = weight_qparams(weight, bits, 32, symmetric)
+    rtn = dequantize_weight(quantize_weight(weight, scale, zero, bits), scale, zero)
+    codes, reported = gptq_round(weight, _hessian(x), scale, zero, bits, symmetric, block_size=48)
+    gptq = dequantize_weight(codes, scale, zero)
+    assert _output_error(x, weight, gptq) < 0.8 * _output_error(x, weight, rtn)
+    # the reported error is the per-token output error of the codes it returns
+    assert reported == pytest.approx(_output_error(x, weight, gptq) / x.shape[0], rel=1e-3)
+
+
+def test_codes_lie_on_the_grid_and_the_range_is_kept():
+    x = _correlated_inputs(1024, 128, seed=2)
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
+    clip = torch.full((32, 4), 1.5)  # clipped to sigmoid(1.5) = 0.82 of the range
+    for bits, symmetric in [(2, False), (3, False), (3, True)]:
+        scale, zero = weight_qparams(weight, bits, 32, symmetric, clip, clip)
+        codes, _ = gptq_round(weight, _hessian(x), scale, zero, bits, symmetric)
+        lo, hi = code_range(bits, symmetric)
+        assert codes.dtype == torch.uint8 and codes.min() >= lo and codes.max() <= hi
+        # A master weight set to the rounding re-derives the same grid and codes without clipping.
+        rounded = dequantize_weight(codes, scale, zero)
+        assert torch.equal(quantize_weight(rounded, *weight_qparams(rounded, bits, 32, symmetric), bits), codes)
+        torch.testing.assert_close(fake_quantize_weight(rounded, bits, 32, symmetric), rounded)
+
+
+def test_an_identity_hessian_gives_round_to_nearest():
+    """Uncorrelated inputs of equal power leave nothing to compensate: GPTQ is then plain rounding."""
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    scale, zero = weight_qparams(weight, 3, 32, False)
+    codes, _ = gptq_round(weight, torch.eye(64), scale, zero, 3, keep_range=False)
+    assert torch.equal(codes, quantize_weight(weight, scale, zero, 3))
+
+
+def test_hessian_is_the_running_mean_of_two_x_xt():
+    x = torch.randn(10, 8)
+    h = torch.zeros(8, 8)
+    n = add_to_hessian(h, 0, x[:3])
+    n = add_to_hessian(h, n, x[3:].reshape(1, 7, 8))
+    assert n == 10
+    torch.testing.assert_close(h, 2 * x.t() @ x / 10)
+
+
+def test_bad_shapes_and_a_singular_hessian_are_refused():
+    weight = torch.randn(4, 8)
+    scale, zero = weight_qparams(weight, 4, 8, False)
+    with pytest.raises(ValueError, match="hessian must be"):
+        gptq_round(weight, torch.eye(4), scale, zero, 4)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq_round(weight, -torch.eye(8), scale, zero, 4, damp=0.0)
+
+
+# --- calibration with rounding="gptq" on a tiny model ---
+
+@pytest.fixture(scope="module")
+def batches():
+    gen = torch.Generator().manual_seed(0)
+    return calibration_batches(torch.randint(0, 256, (3000,), generator=gen), n_samples=8, seq_len=32, batch_size=2)
+
+
+def _calibrated(batches, rounding, **kw):
+    config = ZeroQATConfig(init="calibrate", rounding=rounding, calib_epochs=1, w_bits=3, group_size=32, **kw)
+    return calibrate(get_peft_model(tiny_model(), config), batches, progress=False)
+
+
+def _logit_error(model, batches) -> float:
+    reference = tiny_model()
+    with torch.no_grad():
+        return sum(((model(input_ids=b).logits - reference(input_ids=b).logits) ** 2).mean().item() for b in batches)
+
+
+def test_gptq_calibration_beats_nearest_rounding(batches):
+    nearest = _calibrated(batches, "nearest", trainable="lightweight")
+    gptq = _calibrated(batches, "gptq", trainable="lightweight")
+    assert _logit_error(gptq, batches) < 0.9 * _logit_error(nearest, batches)
+
+
+def test_trained_masters_start_from_the_gptq_rounding(batches):
+    model = _calibrated(batches, "gptq", trainable="full")
+    layers = [m for m in model.modules() if isinstance(m, ZQATLinear)]
+    assert layers and not any(m.is_packed("default") for m in layers)
+    for layer in layers:
+        master = layer.zqat_weight["default"].detach()
+        # the master is on its grid: fake quantization gives it back
+        torch.testing.assert_close(layer.quantized_weight("default"), master, rtol=0, atol=1e-6)
+        assert (layer.zqat_clip_lower["default"] == 20.0).all()
+    # and it is not the float weight rounded to nearest on the calibrated grid
+    gptq_logits_err = _logit_error(model, batches)
+    assert gptq_logits_err < _logit_error(_calibrated(batches, "nearest", trainable="full"), batches)
+
+
+def test_packed_codes_are_the_gptq_codes_and_survive_save_reload_and_merge(tmp_path, batches):
+    trained_master = _calibrated(batches, "gptq", trainable="full")
+    packed = _calibrated(batches, "gptq", trainable="scales")
+    for a, b in zip(*[[m for m in model.modules() if isinstance(m, ZQATLinear)] for model in (trained_master, packed)]):
+        master = a.zqat_weight["default"]
+        scale, zero = weight_qparams(master, 3, 32, False)
+        codes = unpack_int(b.zqat_qweight["default"], 3, b.in_features).t()
+        assert torch.equal(codes, quantize_weight(master, scale, zero, 3))
+    ids = batches[0]
+    packed.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    assert loaded.peft_config["default"].rounding == "gptq"
+    with torch.no_grad():
+        logits = packed(input_ids=ids).logits
+        assert torch.equal(loaded(input_ids=ids).logits, logits)
+        torch.testing.assert_close(loaded.merge_and_unload()(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_rounding_needs_calibration():
+    with pytest.raises(ValueError, match="needs init='calibrate'"):
+        ZeroQATConfig(rounding="gptq")
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        ZeroQATConfig(init="calibrate", rounding="stochastic")

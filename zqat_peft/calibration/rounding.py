@@ -1,0 +1,109 @@
+"""GPTQ rounding of one decoder block's layers, on the inputs they receive in the quantized model.
+
+Layers that read the same tensor (q/k/v; gate/up) are rounded together, in the order the block calls
+them, and each set's input statistics are gathered after the sets before it are rounded: a layer's
+Hessian is that of the inputs it will really see (the earlier layers' rounding, activation
+quantization and smoothing included). The grid is the one calibration chose (clipping, smoothing
+folded in); `gptq_round` picks the codes. The rounded weight becomes the layer's master weight with
+clipping off: it lies on the grid and spans it, so fake quantization reproduces it, packing stores its
+codes, and ZO training starts from it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant import dequantize_weight, fake_quantize_activation, weight_qparams
+from ..tuner.config import ZeroQATConfig
+from ..tuner.layer import CLIP_INIT_LOGIT, ZQATLinear
+from .blocks import BlockInput, run_block
+from .gptq import add_to_hessian, gptq_round
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def gptq_round_block(
+    block: nn.Module, layers: list[ZQATLinear], inputs: list[BlockInput], adapter: str, config: ZeroQATConfig
+) -> dict[ZQATLinear, float]:
+    """Round every layer of a calibrated block with GPTQ; returns each layer's output error (per token)."""
+    dtype = next(block.parameters()).dtype
+    errors = {}
+    for stage in layers_by_input(block, layers, inputs[0], dtype):
+        hessians = _stage_hessians(block, stage, inputs, dtype, adapter)
+        for layer in stage:
+            errors[layer] = round_layer(layer, hessians[layer], adapter, config)
+    return errors
+
+
+def round_layer(layer: ZQATLinear, hessian: torch.Tensor, adapter: str, config: ZeroQATConfig) -> float:
+    """Replace the layer's master weight by its GPTQ rounding on the grid its clipping gives."""
+    spec = layer.zqat_spec[adapter]
+    master = layer.zqat_weight[adapter]
+    clip_lower, clip_upper = layer.zqat_clip_lower[adapter], layer.zqat_clip_upper[adapter]
+    scale, zero = weight_qparams(master, spec.w_bits, spec.group_size, spec.symmetric, clip_lower, clip_upper)
+    try:
+        codes, error = gptq_round(master, hessian, scale, zero, spec.w_bits, spec.symmetric,
+                                  config.gptq_block_size, config.gptq_damp)
+    except ValueError as e:
+        raise ValueError(f"GPTQ rounding of a {layer.out_features}x{layer.in_features} layer failed: {e}") from e
+    master.data.copy_(dequantize_weight(codes, scale, zero, dtype=master.dtype))
+    clip_lower.data.fill_(CLIP_INIT_LOGIT)  # the rounded weight spans exactly the clipped range
+    clip_upper.data.fill_(CLIP_INIT_LOGIT)
+    return error
+
+
+def layers_by_input(block: nn.Module, layers: list[ZQATLinear], inp: BlockInput, dtype: torch.dtype) -> list[list[ZQATLinear]]:
+    """The block's layers grouped by the tensor they read, groups in the order the block calls them."""
+    groups: list[tuple[torch.Tensor, list[ZQATLinear]]] = []  # holding the tensors keeps their ids unique
+
+    def hook(layer, args):
+        for tensor, group in groups:
+            if tensor is args[0]:
+                group.append(layer)
+                return
+        groups.append((args[0], [layer]))
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        run_block(block, inp, dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in groups]
+
+
+def _stage_hessians(block, stage, inputs, dtype, adapter) -> dict[ZQATLinear, torch.Tensor]:
+    """Each stage layer's Hessian over all inputs; the forward stops once the stage has run."""
+    hessians = {l: torch.zeros(l.in_features, l.in_features, device=inputs[0].hidden.device) for l in stage}
+    counts = {l: 0 for l in stage}
+    seen: set[ZQATLinear] = set()
+
+    def hook(layer, args):
+        counts[layer] = add_to_hessian(hessians[layer], counts[layer], _matmul_input(layer, args[0], adapter))
+        seen.add(layer)
+        if len(seen) == len(stage):
+            raise _Stop
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in stage]
+    try:
+        for inp in inputs:
+            seen.clear()
+            try:
+                run_block(block, inp, dtype)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+def _matmul_input(layer: ZQATLinear, x: torch.Tensor, adapter: str) -> torch.Tensor:
+    """What the layer multiplies its weight with: its input, smoothed and activation-quantized."""
+    if adapter in layer.zqat_input_scale:
+        x = x * layer.zqat_input_scale[adapter].to(x.dtype)
+    return fake_quantize_activation(x, layer.zqat_spec[adapter].a_bits)
