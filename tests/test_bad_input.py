@@ -79,6 +79,9 @@ OUT_OF_RANGE = {
     "quant.calib_lr": (-0.01, "a number >= 0"),
     "quant.calib_smooth_lr": (-1, "a number >= 0"),
     "quant.calib_alpha": (1.5, "a number in [0, 1]"),
+    "quant.gptq_damp": (0, "a number > 0"),
+    "quant.gptq_block_size": (0, "an integer >= 1"),
+    "quant.rotation_seed": (-1, "an integer in [0, 4294967295]"),
     "calibration.n_samples": (0, "an integer >= 1"),
     "calibration.seq_len": (1, "an integer >= 2"),
     "calibration.batch_size": (0, "an integer >= 1"),
@@ -108,6 +111,7 @@ OUT_OF_RANGE = {
     "save_init": (3, "true or false"),
     "quant.symmetric": ("sometimes", "true or false"),
     "quant.smooth": (0, "true or false"),
+    "quant.rotate": (1, "true or false"),
     "train.bf16": ("maybe", "true or false"),
 }
 # of the wrong kind: a fraction where a count is wanted, not a number, not finite

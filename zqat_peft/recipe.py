@@ -99,6 +99,9 @@ RANGES: dict[str, Range] = {
     "quant.calib_lr": NON_NEGATIVE,
     "quant.calib_smooth_lr": NON_NEGATIVE,
     "quant.calib_alpha": Range(integer=False, low=0, high=1),
+    "quant.gptq_damp": POSITIVE,  # a fraction of the Hessian's mean diagonal
+    "quant.gptq_block_size": _count(),
+    "quant.rotation_seed": Range(integer=True, low=0, high=2**32 - 1),
     "calibration.n_samples": _count(),
     "calibration.seq_len": _count(low=2),
     "calibration.batch_size": _count(),
@@ -126,7 +129,7 @@ RANGES: dict[str, Range] = {
     "finetune.max_length": _count(low=2),
     "finetune.eval_batch_size": _count(),
 }
-BOOLEAN_KEYS = ("save_init", "quant.symmetric", "quant.smooth", "train.bf16")
+BOOLEAN_KEYS = ("save_init", "quant.symmetric", "quant.smooth", "quant.rotate", "train.bf16")
 RECIPE_FILE_FIX = "correct the file (recipes/demo.yaml shows the form)"
 ADAPTER_FIX = "give a folder that save_pretrained wrote whole (e.g. runs/NAME/adapter), or train the adapter again"
 
