@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import transformers

@@ -4,7 +4,6 @@ sources, an nvcc compile check of the CUDA kernels, and CUDA tests that run wher
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

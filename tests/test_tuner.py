@@ -191,8 +191,6 @@ def test_merge_and_unload_keeps_the_function_of_a_smoothed_adapter(monkeypatch):
 
 
 def test_unmerge_restores_the_adapter(monkeypatch):
-    from zqat_peft.tuner import layer as layer_module
-
     model = _smoothed_model()
     batch = tiny_batch()
     before = _logits(model, batch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from accelerate import init_empty_weights

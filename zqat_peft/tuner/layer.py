@@ -39,7 +39,6 @@ from ..quant import (
     pack_int,
     packed_linear,
     quantize_weight,
-    resolve_group_size,
     weight_qparams,
 )
 
