@@ -5,6 +5,10 @@ each parameter is materialised on the target device from a safetensors checkpoin
 initialisation of the config, for memory/speed benchmarks at 7B/13B shapes); each frozen linear
 layer is packed as soon as its weight exists. Peak memory is the packed model plus one layer's
 float weight: the whole bf16 model never exists on the device.
+
+A checkpoint whose linear layers are stored quantized (GPTQ, compressed-tensors: see
+``zqat_peft.export.load_quantized``) comes with a reader that turns each layer's tensors into packed
+storage: those layers never have a float weight at all.
 """
 
 from __future__ import annotations
@@ -12,17 +16,21 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 from accelerate import init_empty_weights
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .tuner import ZeroQATConfig, ZQATLinear
-from .tuner.layer import CLIP_INIT_LOGIT
+from .tuner.layer import CLIP_INIT_LOGIT, LayerQuantSpec, PackedWeight
+
+# (layer name, the checkpoint's tensors of that layer by suffix, bias excepted, the layer's spec, in_features,
+# out_features) -> its packed storage; it refuses what it cannot convert exactly.
+PackedLayerReader = Callable[[str, dict[str, Tensor], LayerQuantSpec, int, int], PackedWeight]
 
 
 def build_packed_model(
@@ -32,19 +40,26 @@ def build_packed_model(
     device: Union[str, torch.device] = "cpu",
     init_std: float = 0.02,
     seed: int = 0,
+    checkpoint: Union[str, Path, None] = None,
+    read_packed: Optional[PackedLayerReader] = None,
 ) -> PeftModel:
-    """A packed ZeroQAT model (RTN) from a local checkpoint directory or, given a config, random weights."""
+    """A packed ZeroQAT model (RTN) from a local checkpoint directory or, given a config, random weights.
+
+    ``checkpoint`` with a config: the weights come from that directory, built as the config says. With
+    ``read_packed`` the checkpoint's quantized layers are read as packed storage (``PackedLayerReader``).
+    """
     if config.init != "rtn":
         raise ValueError("Building in packed form uses RTN; calibration needs the float model (load it normally).")
-    checkpoint = None
     if not isinstance(model, PretrainedConfig):
         checkpoint = Path(model)
         model = AutoConfig.from_pretrained(checkpoint)
+    if read_packed is not None and checkpoint is None:
+        raise ValueError("read_packed reads packed layers from a checkpoint: give the checkpoint directory.")
     with init_empty_weights(include_buffers=False):
         base = AutoModelForCausalLM.from_config(model, dtype=dtype)
     # Keep the frozen layers float (still empty) until each has its weight.
     peft_model = get_peft_model(base, dataclasses.replace(config, init="calibrate"))
-    source = _CheckpointSource(checkpoint) if checkpoint else _RandomSource(init_std, seed)
+    source = _CheckpointSource(Path(checkpoint), read_packed) if checkpoint else _RandomSource(init_std, seed)
     device = torch.device(device)
     _materialise(peft_model, source, dtype, device)
     peft_model.peft_config["default"].init = "rtn"
@@ -56,6 +71,10 @@ def _materialise(peft_model: PeftModel, source, dtype: torch.dtype, device: torc
     done: dict[int, nn.Parameter] = {}  # tied parameters are materialised once
     for module_name, module in base.named_modules():
         if isinstance(module, ZQATLinear):
+            for adapter, spec in module.zqat_spec.items():
+                packed = source.packed(module_name, spec, module.in_features, module.out_features)
+                if packed is not None:  # before anything else: its float weight is dropped unmaterialised
+                    module.load_packed(adapter, _to(packed, device), module_name)
             # the whole layer first, then pack it before the next layer exists
             for sub_name, sub in module.named_modules(prefix=module_name):
                 _materialise_own(base, sub_name, sub, source, dtype, device, done)
@@ -95,13 +114,43 @@ def _checkpoint_key(module_name: str, name: str) -> str:
     return f"{module_name}.{name}".replace(".base_layer.", ".")
 
 
+def _to(packed: PackedWeight, device: torch.device) -> PackedWeight:
+    return PackedWeight(*(t.to(device) for t in packed))
+
+
+def checkpoint_tensor_names(directory: Union[str, Path]) -> list[str]:
+    """The names of every tensor in a directory's safetensors files (read from their headers)."""
+    names = []
+    for file in safetensors_files(Path(directory)):
+        with safe_open(str(file), "pt") as handle:
+            names.extend(handle.keys())
+    return names
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors weights in {directory}.")
+    return files
+
+
 class _CheckpointSource:
-    def __init__(self, directory: Path) -> None:
-        files = sorted(directory.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"No *.safetensors weights in {directory}.")
-        self.handles = [safe_open(str(f), "pt") for f in files]
+    def __init__(self, directory: Path, read_packed: Optional[PackedLayerReader] = None) -> None:
+        self.handles = [safe_open(str(f), "pt") for f in safetensors_files(directory)]
         self.where = {k: h for h in self.handles for k in h.keys()}
+        self.read_packed = read_packed
+
+    def packed(self, layer_name: str, spec: LayerQuantSpec, in_features: int, out_features: int) -> Optional[PackedWeight]:
+        """The layer's packed storage read from the checkpoint, or None when it is built from a float weight."""
+        if self.read_packed is None:
+            return None
+        prefix = f"{layer_name}."
+        tensors = {
+            key[len(prefix):]: handle.get_tensor(key)
+            for key, handle in self.where.items()
+            if key.startswith(prefix) and "." not in key[len(prefix):] and key != f"{prefix}bias"
+        }
+        return self.read_packed(layer_name, tensors, spec, in_features, out_features)
 
     def get(self, key: str, shape, dtype, device) -> torch.Tensor:
         if key not in self.where:
@@ -117,6 +166,9 @@ class _RandomSource:
 
     def __init__(self, std: float, seed: int) -> None:
         self.std, self.seed = std, seed
+
+    def packed(self, layer_name: str, spec: LayerQuantSpec, in_features: int, out_features: int) -> Optional[PackedWeight]:
+        return None
 
     def get(self, key: str, shape, dtype, device) -> torch.Tensor:
         if "norm" in key or (len(shape) == 1 and not key.endswith("bias")):

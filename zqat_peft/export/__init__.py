@@ -9,11 +9,12 @@ compressed-tensors folder back into a packed ZeroQAT model.
 from .compressed_tensors import save_compressed_tensors
 from .gguf import save_gguf
 from .gptq import save_gptq
+from .load import load_quantized
 from .merged import save_merged
 from .report import ExportReport
 from .weights import ExportWarning, QuantizedLinear, quantized_linear
 
 __all__ = [
-    "ExportReport", "ExportWarning", "QuantizedLinear", "quantized_linear", "save_compressed_tensors", "save_gguf", "save_gptq",
-    "save_merged",
+    "ExportReport", "ExportWarning", "QuantizedLinear", "load_quantized", "quantized_linear", "save_compressed_tensors",
+    "save_gguf", "save_gptq", "save_merged",
 ]

@@ -22,12 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..quant import pack_int
+from ..quant import pack_int, packed_shape, unpack_int
+from ..tuner.layer import LayerQuantSpec, PackedWeight
 from .folder import new_folder, write_model_files, write_safetensors
 from .report import ExportReport
 from .weights import (
-    QuantizedLinear, common_setting, float_tensors, plain_linears, quantized_linears, refuse_smoothing,
-    tied_output_embedding_name, base_model, warn_dropped_activation_quantization, warn_fp16_scales,
+    FLOAT_SCALE_DTYPES, QuantizedLinear, base_model, check_g_idx, check_layer_tensors, check_tensor, common_setting,
+    float_tensors, plain_linears, quantized_linears, refuse_smoothing, tied_output_embedding_name,
+    warn_dropped_activation_quantization, warn_fp16_scales,
 )
 
 GPTQ_V1, GPTQ_V2 = "gptq", "gptq_v2"
@@ -131,3 +133,57 @@ def _output_embedding_weight(model: nn.Module) -> Optional[str]:
     if out is None:
         return None
     return tied_output_embedding_name(base) or next(f"{n}.weight" for n, m in base.named_modules() if m is out)
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def gptq_setting(quantization_config: dict[str, Any]) -> tuple[int, int, bool, str]:
+    """(bits, group size or -1, symmetric, checkpoint format) of a GPTQ ``quantization_config``; refuses what a
+    packed ZeroQAT layer cannot hold exactly."""
+    qc = quantization_config
+    bits, group_size = qc.get("bits"), qc.get("group_size")
+    if bits not in GPTQ_BITS:
+        raise ValueError(f"GPTQ bits={bits!r}: ZeroQAT holds {GPTQ_BITS}-bit weights")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size > 0):
+        raise ValueError(f"GPTQ group_size={group_size!r}: ZeroQAT takes a positive group size or -1 (per channel)")
+    if qc.get("desc_act"):
+        raise ValueError("GPTQ desc_act=true (act-order): its groups are not runs of consecutive input columns, "
+                         "which is all a ZeroQAT layer holds; quantize without act-order")
+    if qc.get("lm_head"):
+        raise ValueError("GPTQ lm_head=true: ZeroQAT does not quantize the output embedding")
+    if qc.get("dynamic"):
+        raise ValueError("GPTQ 'dynamic' per-layer settings: ZeroQAT holds one setting for every layer")
+    if qc.get("pack_dtype", "int32") != "int32":
+        raise ValueError(f"GPTQ pack_dtype={qc['pack_dtype']!r}: only int32 words are read")
+    formats = {qc[key] for key in ("checkpoint_format", "format") if qc.get(key) is not None} or {GPTQ_V1}
+    if len(formats) != 1 or not formats <= {GPTQ_V1, GPTQ_V2}:
+        raise ValueError(f"GPTQ checkpoint_format/format {sorted(formats)}: only {GPTQ_V1!r} (v1) and {GPTQ_V2!r} "
+                         "are read (other formats repack the weights for one kernel)")
+    return bits, group_size, bool(qc.get("sym", True)), formats.pop()
+
+
+def gptq_packed(
+    name: str, tensors: dict[str, Tensor], spec: LayerQuantSpec, in_features: int, out_features: int,
+    checkpoint_format: str,
+) -> PackedWeight:
+    """One layer's GPTQ tensors (by suffix, bias excepted) as ZeroQAT's packed storage for ``spec``. The codes are
+    GPTQ's words unchanged (the same layout); the zero points are unpacked (and v1's ``z - 1`` undone), the
+    float16 scales widened to float32 (exactly)."""
+    bits, group_size = spec.w_bits, spec.group_size
+    check_layer_tensors(name, tensors, required=("qweight", "qzeros", "scales"), optional=("g_idx",))
+    n_groups = in_features // group_size
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    check_tensor(name, "qweight", qweight, packed_shape(in_features, out_features, bits), (torch.int32,))
+    zeros_shape = packed_shape(out_features, n_groups, bits)[::-1]
+    check_tensor(name, "qzeros", qzeros, zeros_shape, (torch.int32,))
+    check_tensor(name, "scales", scales, (n_groups, out_features), FLOAT_SCALE_DTYPES)
+    if "g_idx" in tensors:
+        check_g_idx(name, tensors["g_idx"], in_features, group_size)
+    zero = unpack_int(qzeros.t().contiguous(), bits, out_features)
+    if checkpoint_format == GPTQ_V1:
+        if bool((zero == 2**bits - 1).any()):
+            raise ValueError(f"{name}: a gptq (v1) zero point field of all ones is a zero point of 0 written as -1, "
+                             "whose bits spill into the neighbouring fields: v1 cannot hold it; export as gptq_v2")
+        zero = zero + 1
+    return PackedWeight(qweight.contiguous(), scales.t().float().contiguous(), zero.contiguous())

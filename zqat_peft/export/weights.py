@@ -193,3 +193,34 @@ def warn_fp16_scales(layers: dict[str, QuantizedLinear], fmt: str) -> float:
             ExportWarning, stacklevel=3,
         )
     return change
+
+
+# ------------------------------------------------------------------------------------------ reading back
+
+# Scale dtypes read exactly into ZeroQAT's float32 scales.
+FLOAT_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_layer_tensors(name: str, tensors: dict[str, Tensor], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    """Refuse a quantized layer's checkpoint tensors that lack one it needs or hold one not understood (an
+    activation scale, say, which the packed layer would silently not apply)."""
+    missing = [s for s in required if s not in tensors]
+    unknown = sorted(set(tensors) - set(required) - set(optional))
+    if missing or unknown:
+        raise ValueError(f"{name}: the checkpoint's tensors {sorted(tensors)} "
+                         + (f"lack {missing}" if missing else f"include {unknown}, which a ZeroQAT layer cannot hold"))
+
+
+def check_tensor(name: str, what: str, tensor: Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype not in dtypes:
+        allowed = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name}.{what}: {tensor.dtype} {tuple(tensor.shape)} in the checkpoint, expected {allowed} "
+                         f"{tuple(shape)} for this layer and the quantization_config")
+
+
+def check_g_idx(name: str, g_idx: Tensor, in_features: int, group_size: int) -> None:
+    """A group index is held exactly only when it puts consecutive columns in each group (no act-order)."""
+    expected = torch.arange(in_features, dtype=torch.int64) // group_size
+    if tuple(g_idx.shape) != (in_features,) or not torch.equal(g_idx.to(torch.int64), expected):
+        raise ValueError(f"{name}: its group index reorders the input columns (act-order): a ZeroQAT layer holds "
+                         "groups of consecutive columns only; quantize without act-order")

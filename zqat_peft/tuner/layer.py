@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +38,25 @@ from ..quant import (
     fake_quantize_weight,
     pack_int,
     packed_linear,
+    packed_shape,
     quantize_weight,
     weight_qparams,
 )
 
 # sigmoid(CLIP_INIT_LOGIT) == 1.0 in float32: RTN until calibration learns something else.
 CLIP_INIT_LOGIT = 20.0
+
+
+class PackedWeight(NamedTuple):
+    """A layer's weight in packed form: ``weight = (codes - zero) * scale`` per group of input columns.
+
+    qweight: int32 [ceil(in/32) * bits, out], ``pack_int(codes.t(), bits)`` (GPTQ's layout);
+    scale: float32 [out, n_groups]; zero: uint8 [out, n_groups] in [0, 2**bits).
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -153,10 +166,23 @@ class ZQATLayer(BaseTunerLayer):
             self.zqat_clip_lower[adapter_name], self.zqat_clip_upper[adapter_name],
         )
         codes = quantize_weight(master, scale, zero, spec.w_bits)
-        self.zqat_qweight[adapter_name] = pack_int(codes.t(), spec.w_bits)
-        self.zqat_zeros[adapter_name] = zero.to(torch.uint8)
+        self._store_packed(adapter_name, PackedWeight(pack_int(codes.t(), spec.w_bits), scale, zero.to(torch.uint8)))
+
+    @torch.no_grad()
+    def load_packed(self, adapter_name: str, packed: PackedWeight, layer_name: str = "") -> None:
+        """Take codes, scales and zero points as they are (from a quantized checkpoint) instead of packing the
+        master weight, which is freed unread (it may be an empty meta tensor). Shapes, dtypes and, for a
+        symmetric layer, the zero points are checked first."""
+        if self.is_packed(adapter_name):
+            raise ValueError(f"{layer_name or 'the layer'} is packed already: load a checkpoint into a fresh layer.")
+        _check_packed(packed, self.zqat_spec[adapter_name], self.in_features, self.out_features, layer_name)
+        self._store_packed(adapter_name, packed)
+
+    def _store_packed(self, adapter_name: str, packed: PackedWeight) -> None:
+        self.zqat_qweight[adapter_name] = packed.qweight
+        self.zqat_zeros[adapter_name] = packed.zero
         train_scales = "zqat_scales" not in self.frozen_peft_weight_names.get(adapter_name, ())
-        self.zqat_scales[adapter_name] = nn.Parameter(scale, requires_grad=train_scales)
+        self.zqat_scales[adapter_name] = nn.Parameter(packed.scale, requires_grad=train_scales)
         for name in ("zqat_weight", "zqat_clip_lower", "zqat_clip_upper"):
             del getattr(self, name)[adapter_name]
 
@@ -272,6 +298,29 @@ def fake_quantize_keys_values(y: torch.Tensor, spec: LayerQuantSpec) -> torch.Te
 
 # What a packed layer saves (besides its spec); a float layer saves its master weight and clipping logits instead.
 PACKED_STATE_NAMES = ("zqat_qweight", "zqat_scales", "zqat_zeros")
+
+
+def _check_packed(packed: PackedWeight, spec: LayerQuantSpec, in_features: int, out_features: int, name: str) -> None:
+    """Refuse packed storage that is not this layer's (shape, dtype, zero point range, symmetric zero points)."""
+    n_groups = in_features // spec.group_size
+    expected = {
+        "qweight": (packed_shape(in_features, out_features, spec.w_bits), torch.int32),
+        "scale": ((out_features, n_groups), torch.float32),
+        "zero": ((out_features, n_groups), torch.uint8),
+    }
+    where = name or "the layer"
+    for field, (shape, dtype) in expected.items():
+        tensor = getattr(packed, field)
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{where}: packed {field} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} "
+                             f"{tuple(shape)} for a [{out_features}, {in_features}] weight at {spec.w_bits} bits, "
+                             f"groups of {spec.group_size}")
+    if packed.zero.numel() and int(packed.zero.max()) >= 2**spec.w_bits:  # (uint8 against 256 would wrap)
+        raise ValueError(f"{where}: a zero point lies outside [0, {2**spec.w_bits}) for {spec.w_bits} bits")
+    symmetric_zero = 2 ** (spec.w_bits - 1)
+    if spec.symmetric and not bool((packed.zero == symmetric_zero).all()):
+        raise ValueError(f"{where}: symmetric quantization fixes every zero point at {symmetric_zero}, but these range "
+                         f"over {int(packed.zero.min())}..{int(packed.zero.max())}: the layer is asymmetric")
 
 
 def _pack_before_loading_packed_state(layer: ZQATLinear, state_dict: dict, prefix: str, *args: Any) -> None:
