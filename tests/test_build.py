@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from transformers import AutoModelForCausalLM
 
 from zqat_peft import ZeroQATConfig, ZQATLinear
 from zqat_peft.build import build_packed_model
 
-from .conftest import tiny_batch, tiny_model
+from .conftest import TINY_CONFIGS, tiny_batch, tiny_model
 
 
 @pytest.mark.parametrize("mode", ["lightweight", "scales"])
@@ -21,6 +22,21 @@ def test_built_from_a_checkpoint_equals_wrapping_the_loaded_model(tmp_path, mode
     batch = tiny_batch()
     with torch.no_grad():
         assert torch.equal(built(**batch).logits, expected(**batch).logits)
+
+
+def test_a_tied_output_embedding_is_built_tied_from_a_checkpoint_without_it(tmp_path):
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["llama"]()
+    config.tie_word_embeddings = True
+    base = AutoModelForCausalLM.from_config(config).eval()
+    base.save_pretrained(tmp_path)  # without lm_head.weight
+    zqat = ZeroQATConfig(w_bits=4, group_size=32, trainable="scales")
+    built = build_packed_model(tmp_path, zqat, dtype=torch.float32)
+    inner = built.get_base_model()
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    batch = tiny_batch()
+    with torch.no_grad():
+        assert torch.equal(built(**batch).logits, get_peft_model(base, zqat)(**batch).logits)
 
 
 def test_random_build_is_packed_deterministic_and_leaves_nothing_on_meta():

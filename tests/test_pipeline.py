@@ -229,6 +229,30 @@ def tiny_local_model(tmp_path_factory) -> Path:
 
 
 @needs_model_and_wiki
+def test_zqat_eval_quantized_evaluates_an_export_as_the_model_exported(tiny_local_model, tmp_path, capsys):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zqat_peft import ZeroQATConfig
+    from zqat_peft.export import save_compressed_tensors
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_local_model)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_local_model),
+                           ZeroQATConfig(w_bits=4, group_size=32, trainable="scales")).eval()
+    save_compressed_tensors(model, tmp_path / "ct", tokenizer=tokenizer)
+    overrides = ["eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}"]
+    recipe = load_recipe(None, overrides)
+    expected = pipeline.evaluate(model, tokenizer, recipe, pipeline.prepare_eval_data(recipe, tokenizer))
+    capsys.readouterr()
+    assert cli.main(["eval", "--quantized", str(tmp_path / "ct"), "--json", *overrides]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+
+    assert cli.main(["eval", "--quantized", str(tiny_local_model), *overrides]) == 2  # a float checkpoint
+    err = capsys.readouterr().err
+    assert err.startswith("zqat: error: ") and "not a quantized checkpoint" in err and err.count("\n") == 1
+
+
+@needs_model_and_wiki
 @pytest.mark.parametrize("trainable", ["full", "scales"])
 def test_calibrated_run_then_zqat_eval_and_export(tiny_local_model, tmp_path, capsys, trainable):
     from transformers import AutoModelForCausalLM

@@ -13,10 +13,12 @@ storage: those layers never have a float weight at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import zlib
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from accelerate import init_empty_weights
@@ -55,8 +57,11 @@ def build_packed_model(
         model = AutoConfig.from_pretrained(checkpoint)
     if read_packed is not None and checkpoint is None:
         raise ValueError("read_packed reads packed layers from a checkpoint: give the checkpoint directory.")
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), _weights_created_on_meta():
         base = AutoModelForCausalLM.from_config(model, dtype=dtype)
+    # init_empty_weights re-wraps each parameter it moves, which unties a tied output embedding: tie it again, so
+    # that it is materialised once (a checkpoint of a tied model does not hold it)
+    base.tie_weights()
     # Keep the frozen layers float (still empty) until each has its weight.
     peft_model = get_peft_model(base, dataclasses.replace(config, init="calibrate"))
     source = _CheckpointSource(Path(checkpoint), read_packed) if checkpoint else _RandomSource(init_std, seed)
@@ -64,6 +69,28 @@ def build_packed_model(
     _materialise(peft_model, source, dtype, device)
     peft_model.peft_config["default"].init = "rtn"
     return peft_model.eval()
+
+
+@contextlib.contextmanager
+def _weights_created_on_meta() -> Iterator[None]:
+    """nn.Linear and nn.Embedding create their weights on the meta device. init_empty_weights alone moves each
+    parameter there only once its module has allocated it on the CPU (uninitialised, but allocated); the buffers
+    (rotary frequencies, say) are still computed for real."""
+    originals = {cls: cls.__init__ for cls in (nn.Linear, nn.Embedding)}
+
+    def on_meta(init):
+        @functools.wraps(init)
+        def wrapped(self, *args, **kwargs):
+            init(self, *args, **{**kwargs, "device": "meta"})
+        return wrapped
+
+    try:
+        for cls, init in originals.items():
+            cls.__init__ = on_meta(init)
+        yield
+    finally:
+        for cls, init in originals.items():
+            cls.__init__ = init
 
 
 def _materialise(peft_model: PeftModel, source, dtype: torch.dtype, device: torch.device) -> None:

@@ -3,6 +3,7 @@
     zqat fetch [model wiki lee austen tasks | a registered model name]
     zqat train --recipe recipes/NAME.yaml [--resume] [key=value ...]
     zqat eval --adapter runs/NAME/adapter [--recipe recipes/NAME.yaml] [key=value ...]
+    zqat eval --quantized DIR [--recipe recipes/NAME.yaml] [key=value ...]
     zqat export --adapter runs/NAME/adapter [--format merged|gptq|compressed-tensors|gguf] --out DIR
     zqat demo [key=value ...]
 
@@ -20,12 +21,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
+from transformers import AutoTokenizer
 
 from .data import ASSETS, DEFAULT_MODEL, MODELS, fetch
-from .export import ExportWarning, save_compressed_tensors, save_gguf, save_gptq, save_merged
+from .export import ExportWarning, load_quantized, save_compressed_tensors, save_gguf, save_gptq, save_merged
 from .files import CorruptFileError
 from .pipeline import AssetError, evaluate, load_adapter, pick_device, prepare_eval_data, resume_state, run
-from .recipe import check_adapter_folder, check_sources, load_recipe, output_dir, required_assets
+from .recipe import DTYPES, check_adapter_folder, check_sources, load_recipe, output_dir, required_assets
 from .report import metrics_table
 from .zo import ZODivergenceError
 
@@ -76,9 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=50")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a saved adapter")
-    e.add_argument("--adapter", required=True, help="an adapter folder, e.g. runs/NAME/adapter")
-    e.add_argument("--recipe", help="recipe for the model and the evaluation (default: the run's config.yaml)")
+    e = sub.add_parser("eval", help="evaluate a saved adapter, or a GPTQ / compressed-tensors export")
+    model = e.add_mutually_exclusive_group(required=True)
+    model.add_argument("--adapter", help="an adapter folder, e.g. runs/NAME/adapter")
+    model.add_argument("--quantized", help="a gptq or compressed-tensors export folder, loaded packed (its quantized "
+                                           "layers never in full precision)")
+    e.add_argument("--recipe", help="recipe for the model and the evaluation (default: the run's config.yaml; "
+                                    "with --quantized: the defaults)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. eval.max_windows=8")
     e.set_defaults(func=cmd_eval)
@@ -135,11 +141,19 @@ def _train(recipe: dict, resume: bool = False) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    recipe = adapter_recipe(args.adapter, args.recipe, args.overrides)
-    check_sources(recipe)
-    model, tokenizer = load_adapter(recipe, args.adapter, pick_device())
+    if args.quantized:
+        recipe_file = find_recipe(args.recipe) if args.recipe else None
+        recipe = load_recipe(recipe_file, [*args.overrides, f"model={args.quantized}"])
+        check_sources(recipe)
+        model = load_quantized(args.quantized, DTYPES[recipe["dtype"]], pick_device())
+        tokenizer = AutoTokenizer.from_pretrained(args.quantized)
+    else:
+        recipe = adapter_recipe(args.adapter, args.recipe, args.overrides)
+        check_sources(recipe)
+        model, tokenizer = load_adapter(recipe, args.adapter, pick_device())
     metrics = evaluate(model, tokenizer, recipe, prepare_eval_data(recipe, tokenizer))
-    print(json.dumps(metrics, indent=2) if args.json else metrics_table({"adapter": metrics}))
+    label = "quantized" if args.quantized else "adapter"
+    print(json.dumps(metrics, indent=2) if args.json else metrics_table({label: metrics}))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
