@@ -244,7 +244,7 @@ def test_gptq_refuses_act_order_in_the_group_index(gptq_folder):
         load_quantized(gptq_folder)
 
 
-def test_gptq_wrong_scale_shape_and_unknown_tensors_are_refused(gptq_folder):
+def test_an_unknown_tensor_of_a_quantized_layer_is_refused(gptq_folder):
     def extra(tensors):
         tensors["model.layers.0.self_attn.q_proj.input_scale"] = torch.ones(1)
     edit_tensors(gptq_folder, extra)
@@ -277,6 +277,17 @@ def test_compressed_tensors_refusals(ct_folder, edit, message):
     (ct_folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         load_quantized(ct_folder)
+
+
+def test_gptqmodels_quantize_config_json_is_read_without_a_quantization_config(tmp_path):
+    model = zqat_model(3, fp16_scales=True)
+    save_gptq(model, tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    quantization = config.pop("quantization_config")
+    del quantization["quant_method"]
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "gptq" / "quantize_config.json").write_text(json.dumps(quantization))
+    assert torch.equal(logits(load_quantized(tmp_path / "gptq")), logits(model))
 
 
 def test_a_float_checkpoint_is_refused(tmp_path):

@@ -47,8 +47,9 @@ def build_packed_model(
 ) -> PeftModel:
     """A packed ZeroQAT model (RTN) from a local checkpoint directory or, given a config, random weights.
 
-    ``checkpoint`` with a config: the weights come from that directory, built as the config says. With
-    ``read_packed`` the checkpoint's quantized layers are read as packed storage (``PackedLayerReader``).
+    Given a config and ``checkpoint``, the weights come from that directory (a model built as the config says,
+    not as the directory's config.json does). With ``read_packed``, the checkpoint's quantized layers go into
+    packed storage as the reader converts them (``PackedLayerReader``) and have no float weight at all.
     """
     if config.init != "rtn":
         raise ValueError("Building in packed form uses RTN; calibration needs the float model (load it normally).")

@@ -58,7 +58,8 @@ def load_quantized(
         w_bits=bits, group_size=group_size, symmetric=symmetric, trainable="scales",
         target_modules=_quantized_layer_names(folder, QUANTIZED_WEIGHT_SUFFIX[method]),
     )
-    del model_config.quantization_config  # the model built holds its quantization in its ZeroQAT layers
+    if hasattr(model_config, "quantization_config"):  # the model built holds its quantization in its ZeroQAT layers
+        del model_config.quantization_config
     return build_packed_model(model_config, config, dtype=dtype, device=device, checkpoint=folder,
                               read_packed=read_packed)
 
