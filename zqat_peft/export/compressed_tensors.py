@@ -132,15 +132,17 @@ def compressed_tensors_setting(quantization_config: dict[str, Any]) -> tuple[int
 
 def _group_setting(name: str, group: dict[str, Any]) -> tuple[int, int, bool]:
     if group.get("format") not in (None, PACK_QUANTIZED):
-        raise ValueError(f"compressed-tensors config group {name!r} has format {group['format']!r}, not {PACK_QUANTIZED!r}")
+        raise ValueError(f"compressed-tensors config group {name!r} has format {group['format']!r}, "
+                         f"not {PACK_QUANTIZED!r}")
     if group.get("input_activations") or group.get("output_activations"):
-        raise ValueError(f"compressed-tensors config group {name!r} quantizes activations: a ZeroQAT export is weight-only "
-                         "and its activation quantization is not compressed-tensors'")
+        raise ValueError(f"compressed-tensors config group {name!r} quantizes activations: a ZeroQAT export is "
+                         "weight-only and its activation quantization is not compressed-tensors'")
     w = group.get("weights") or {}
     bits = w.get("num_bits")
     if w.get("type", "int") != "int" or bits not in COMPRESSED_TENSORS_BITS:
         raise ValueError(f"compressed-tensors config group {name!r}: {w.get('type', 'int')} weights of {bits} bits; "
-                         f"ZeroQAT reads int weights of {COMPRESSED_TENSORS_BITS} bits (3-bit has two layouts by version)")
+                         f"ZeroQAT reads int weights of {COMPRESSED_TENSORS_BITS} bits (3-bit has two layouts by "
+                         "version)")
     if w.get("dynamic"):
         raise ValueError(f"compressed-tensors config group {name!r} has dynamic weight quantization")
     if w.get("actorder") in ("group", "dynamic"):

@@ -201,7 +201,9 @@ def warn_fp16_scales(layers: dict[str, QuantizedLinear], fmt: str) -> float:
 FLOAT_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_layer_tensors(name: str, tensors: dict[str, Tensor], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+def check_layer_tensors(
+    name: str, tensors: dict[str, Tensor], required: tuple[str, ...], optional: tuple[str, ...]
+) -> None:
     """Refuse a quantized layer's checkpoint tensors that lack one it needs or hold one not understood (an
     activation scale, say, which the packed layer would silently not apply)."""
     missing = [s for s in required if s not in tensors]
