@@ -222,7 +222,7 @@ def run_mode(args: argparse.Namespace, mode: str, device: torch.device, dtype: t
     start = time.perf_counter()
     losses, step = measured(device, lambda: one_zo_step(model, ids, args.seed, args.eps, args.lr))
     step_seconds = time.perf_counter() - start
-    floor_bytes = sum(floor[k] for k in FLOOR_KINDS)
+    floor_bytes = sum(v for k, v in floor.items() if k != "other_buffers")  # any unforeseen kind counts too
     if device.type == "cuda":
         peak, build_peak = step["peak"], build["peak"]
     else:  # the floor plus what the process grew by over the step (resp. the build, which starts from nothing)
