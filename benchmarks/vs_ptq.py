@@ -8,8 +8,14 @@ evaluated by zqat_peft's own perplexity (the whole wiki test split, 512-token wi
   static act-order, min-max observer); ``gptq`` with ``observer=mse``: its MSE-searched ranges.
   W4A4: GPTQ on the per-channel weights, the inputs of every linear layer fake-quantized per token
   in the evaluation, as ZeroQAT does.
-- ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq, ``clipping`` learned (the config's
+- ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq, ``clipping`` learned (the recipe's
   calib_epochs) or the MSE grid alone (calib_epochs=0); ``rotate``: the residual stream rotated first.
+  Each setting's quantization settings (smoothing, which layers train) are those of its CPU recipe
+  (``RECIPES``), with the calibration tokens above instead of the recipe's.
+- ``zeroqat``: the ``init-gptq`` (or ``init-rotate-gptq``) model, then the training of the setting's CPU
+  recipe (``--train-steps`` to shorten it); the row holds the init's figures too, and both models'
+  perplexity on the first ``--other-windows`` test windows of the Lee news and Austen corpora, text the
+  recipe never trains on.
 
 llm-compressor pins other versions of transformers than the project, so it runs in an environment of its
 own, as a subprocess (benchmarks/llmc_gptq.py) that writes back the quantized weights::
@@ -41,18 +47,19 @@ from peft import get_peft_model
 from torch import nn
 
 import zqat_peft
-from zqat_peft import ZeroQATConfig
+from zqat_peft import ZeroQATConfig, pipeline
 from zqat_peft.data import load_model_and_tokenizer, load_text
 from zqat_peft.data.assets import resolve_model_path
 from zqat_peft.evaluation import encode_joined, perplexity, token_windows
 from zqat_peft.quant import fake_quantize_activation
+from zqat_peft.recipe import load_recipe
 
-# name -> (quantization settings, epochs of learned clipping)
-SETTINGS = {
-    "W2A16g64": (dict(w_bits=2, group_size=64), 4),
-    "W3A16g64": (dict(w_bits=3, group_size=64), 2),
-    "W4A16g64": (dict(w_bits=4, group_size=64), 2),
-    "W4A4": (dict(w_bits=4, a_bits=4, group_size=-1), 2),
+# name -> (the CPU recipe whose quantization settings and training the setting's rows use, overrides)
+RECIPES = {
+    "W2A16g64": ("recipes/smollm2_w2a16g64_cpu.yaml", []),
+    "W3A16g64": ("recipes/smollm2_w3a16g64_cpu.yaml", []),
+    "W4A16g64": ("recipes/smollm2_w3a16g64_cpu.yaml", ["quant.w_bits=4"]),
+    "W4A4": ("recipes/smollm2_w4a4_cpu.yaml", []),
 }
 # name -> the row's fixed keys
 METHODS = {
@@ -64,25 +71,34 @@ METHODS = {
     "init-gptq-msegrid": {"method": "init", "rounding": "gptq", "clipping": "mse-grid"},
     "init-rotate": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True},
     "init-rotate-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned", "rotate": True},
+    "zeroqat": {"method": "zeroqat", "rounding": "gptq", "clipping": "learned"},
+    "zeroqat-rotate": {"method": "zeroqat", "rounding": "gptq", "clipping": "learned", "rotate": True},
 }
+OTHER_CORPORA = ("lee", "austen")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--windows", type=int, default=None, help="512-token test windows (default: all)")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--llmc-python", default=os.environ.get("LLMC_PYTHON"),
                         help="the Python of an environment with llm-compressor (gptq rows)")
+    parser.add_argument("--train-steps", type=int, default=None, help="zeroqat rows: fewer steps than the recipe's")
+    parser.add_argument("--other-windows", type=int, default=64, help="zeroqat rows: Lee and Austen test windows")
     parser.add_argument("--out", default="benchmarks/results/vs_ptq.json")
+    parser.add_argument("--models", default="benchmarks/results/vs_ptq_models",
+                        help="where init rows keep their adapters, which zeroqat rows start from")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     windows = token_windows(encode_joined(tokenizer, load_text("wiki", "test")), 512, args.windows)
+    others = {c: token_windows(encode_joined(tokenizer, load_text(c, "test")), 512, args.other_windows)
+              for c in OTHER_CORPORA}
     train_ids = encode_joined(tokenizer, load_text("wiki", "train"))
     calib = zqat_peft.calibration_batches(train_ids, args.calib_samples, args.calib_seq_len, batch_size=1)
     del model
@@ -93,15 +109,22 @@ def main() -> None:
     for setting in args.settings:
         for name in args.methods:
             row = {"setting": setting, **METHODS[name], **common}
+            if row["method"] == "zeroqat":
+                row["train_steps"] = args.train_steps or load_setting_recipe(setting)["train"]["steps"]
             if any(_same_row(r, row) for r in rows):
                 continue
             if row["method"] == "gptq" and not args.llmc_python:
                 print(f"{setting} {name}: skipped (no --llmc-python)", flush=True)
                 continue
             start = time.perf_counter()
-            quantized = build(args, setting, name, calib)
-            row["quantize_seconds"] = round(time.perf_counter() - start, 1)
-            row["wiki_ppl"] = perplexity(quantized, windows)
+            if row["method"] == "zeroqat":
+                row.update(train_zeroqat(args, setting, name, calib, {"wiki": windows, **others}))
+            else:
+                quantized = build(args, setting, name, calib)
+                if row["method"] == "init":
+                    pipeline.save_adapter(quantized, Path(args.models) / f"{setting}_{name}")
+                row["quantize_seconds"] = round(time.perf_counter() - start, 1)
+                row["wiki_ppl"] = perplexity(quantized, windows)
             rows.append(row)
             _save(out, rows)
             print(f"{setting:10s} {name:18s} wiki_ppl {row['wiki_ppl']:10.2f}  ({row['quantize_seconds']:.0f} s)", flush=True)
@@ -109,23 +132,60 @@ def main() -> None:
 
 
 def _same_row(a: dict, b: dict) -> bool:
-    keys = ("setting", "method", "observer", "rounding", "clipping", "rotate", "windows", "calib_tokens")
+    keys = ("setting", "method", "observer", "rounding", "clipping", "rotate", "windows", "calib_tokens", "train_steps")
     return all(a.get(k) == b.get(k) for k in keys)
+
+
+def load_setting_recipe(setting: str, overrides: tuple[str, ...] = ()) -> dict:
+    path, changes = RECIPES[setting]
+    return load_recipe(Path(__file__).parent.parent / path, [*changes, *overrides])
 
 
 def build(args, setting: str, name: str, calib: list[torch.Tensor]) -> nn.Module:
     """The quantized model of one row."""
-    settings, epochs = SETTINGS[setting]
+    quant = load_setting_recipe(setting)["quant"]
+    settings = {k: quant[k] for k in ("w_bits", "a_bits", "group_size")}
     method = METHODS[name]
     model, _ = load_model_and_tokenizer(args.model)
     if method["method"] == "gptq":
         return llmc_gptq(args, model, settings, method["observer"], calib)
     if method["method"] == "rtn":
         return get_peft_model(model, ZeroQATConfig(trainable="scales", **settings))
-    epochs = 0 if method["clipping"] == "mse-grid" else epochs
-    config = ZeroQATConfig(trainable="scales", init="calibrate", calib_epochs=epochs, rounding=method["rounding"],
-                           rotate=method.get("rotate", False), **settings)
+    changes = dict(init="calibrate", rounding=method["rounding"], rotate=method.get("rotate", False))
+    if method["clipping"] == "mse-grid":
+        changes["calib_epochs"] = 0
+    config = ZeroQATConfig(**{**quant, **changes})
     return zqat_peft.calibrate(get_peft_model(model, config), calib, progress=False)
+
+
+def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], windows: dict[str, torch.Tensor]) -> dict:
+    """The figures of a zeroqat row: its init (the matching init row's model), then the recipe's training."""
+    steps = []
+    if args.train_steps:
+        every = load_setting_recipe(setting)["train"]["eval_steps"]
+        steps = [f"train.steps={args.train_steps}", f"train.eval_steps={min(every, args.train_steps)}"]
+    recipe = load_setting_recipe(setting, (f"name=vs_ptq_{setting}_{name}", *steps))
+    fp, tokenizer = load_model_and_tokenizer(args.model)
+    data = pipeline.prepare_data(recipe, tokenizer)
+    if recipe["train"]["loss"] == "distill":
+        pipeline.add_teacher(fp, recipe, data)
+    del fp
+    init_name = "init-rotate-gptq" if METHODS[name].get("rotate") else "init-gptq"
+    saved = Path(args.models) / f"{setting}_{init_name}"
+    if saved.exists():  # the init row's model: the same calibration tokens, no second calibration
+        model, _ = pipeline.load_adapter(recipe, saved, "cpu", trainable=True)
+    else:
+        model = build(args, setting, init_name, calib)
+        pipeline.save_adapter(model, saved)
+    row = {f"init_{c}_ppl": perplexity(model, w) for c, w in windows.items()}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work_dir:
+        history = pipeline.train(model, recipe, data, Path(work_dir), "cpu")
+    row["train_seconds"] = round(time.perf_counter() - start, 1)
+    row.update(pipeline.training_outcome(history))
+    row.update({f"{c}_ppl": perplexity(model, w) for c, w in windows.items()})
+    row["lr"], row["step"], row["loss"] = recipe["train"]["lr"], recipe["train"]["step"], recipe["train"]["loss"]
+    return row
 
 
 def llmc_gptq(args, model: nn.Module, settings: dict, observer: str, calib: list[torch.Tensor]) -> nn.Module:
@@ -159,10 +219,11 @@ def _save(path: Path, rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| setting | method | variant | wiki_ppl | quantize s |\n|---|---|---|---|---|")
+    print("| setting | method | variant | wiki_ppl | seconds |\n|---|---|---|---|---|")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("observer", "rounding", "clipping", "rotate") if k in r)
-        print(f"| {r['setting']} | {r['method']} | {variant} | {r['wiki_ppl']:.2f} | {r['quantize_seconds']:.0f} |")
+        variant = ", ".join(f"{k}={r[k]}" for k in ("observer", "rounding", "clipping", "rotate", "train_steps") if k in r)
+        seconds = r.get("quantize_seconds", r.get("train_seconds"))
+        print(f"| {r['setting']} | {r['method']} | {variant} | {r['wiki_ppl']:.2f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":
