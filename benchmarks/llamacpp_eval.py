@@ -9,6 +9,11 @@ Prompts are tokenized by llama.cpp from the file's own tokenizer metadata (BOS a
 continued greedily for exactly ``--new-tokens`` tokens (the argmax of the logits, no early stop at EOS, so that
 the continuations of two runtimes compare token for token).
 
+The model loads without llama.cpp's extra CPU buffer types (its ``--no-repack``): on CPUs with AMX those
+repack Q4_1 weights for ``ggml_backend_amx_mul_mat``, which crashes with a segmentation fault on the first
+decode of our SmolLM2 file (llama-cpp-python 0.3.36 built with GGML_NATIVE on a Xeon with AMX-INT8; upstream
+reports the same crash with other models, ggml-org/llama.cpp#20824). ``--extra-buffers`` turns them back on.
+
     python benchmarks/llamacpp_eval.py MODEL.gguf WINDOWS.npy OUT.json [--prompts PROMPTS.json] [--threads 2]
 """
 
@@ -53,6 +58,27 @@ def greedy(llm, prompt: str, new_tokens: int) -> dict:
     return {"prompt": prompt, "prompt_ids": prompt_ids, "ids": generated, "text": text}
 
 
+def load(model: str, seq_len: int, threads: int | None, extra_buffers: bool):
+    """A llama_cpp.Llama with every logit kept, a context of one window, and the extra buffer types on or off."""
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+
+    # Llama() builds its model parameters from llama_model_default_params() and exposes no use_extra_bufts
+    default_params = llama_module.llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = default_params()
+        params.use_extra_bufts = extra_buffers
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = model_params
+    try:
+        return llama_cpp.Llama(model_path=model, n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, logits_all=True,
+                               n_threads=threads, n_threads_batch=threads, verbose=False)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default_params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a .gguf file")
@@ -61,14 +87,15 @@ def main() -> None:
     parser.add_argument("--prompts", default=None, help="a JSON list of prompts to continue greedily")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp's threads (default: its own choice)")
+    parser.add_argument("--extra-buffers", action="store_true",
+                        help="let llama.cpp repack weights into its extra CPU buffer types (AMX, repack)")
     args = parser.parse_args()
 
     import llama_cpp
 
     windows = np.load(args.windows).astype(np.int64)
     seq_len = windows.shape[1]
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len,
-                          logits_all=True, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    llm = load(args.model, seq_len, args.threads, args.extra_buffers)
     start = time.perf_counter()
     nlls = score_windows(llm, windows)
     seconds = time.perf_counter() - start
@@ -76,7 +103,8 @@ def main() -> None:
     result = {
         "llama_cpp_python": llama_cpp.__version__, "n_ctx": seq_len, "windows": len(windows),
         "nll_sum": sum(nlls), "count": len(windows) * (seq_len - 1), "window_nll": nlls,
-        "seconds": round(seconds, 1), "threads": llm.context_params.n_threads,
+        "seconds": round(seconds, 1), "threads": llm.context_params.n_threads_batch,
+        "extra_buffers": args.extra_buffers,
         "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))),
         "continuations": [greedy(llm, prompt, args.new_tokens) for prompt in prompts],
     }
