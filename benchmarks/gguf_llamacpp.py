@@ -13,7 +13,7 @@ evaluated three ways on the same 512-token windows of the Wikipedia test split:
 Then three prompts, tokenized by llama.cpp from the file's metadata, continued greedily by llama.cpp and, from
 the merged float model (``save_merged``), by transformers with our tokenizer. Prints a table, writes JSON.
 
-llama-cpp-python is built from source into an environment of its own (~25 min on 2 cores)::
+llama-cpp-python is built from source into an environment of its own (~22 min on 2 cores)::
 
     python -m venv ../venvs/llamacpp
     CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \\

@@ -1,6 +1,6 @@
-"""llama.cpp itself runs the GGUF export of the real SmolLM2-135M (opt-in, about a minute).
+"""llama.cpp itself runs the GGUF export of the real SmolLM2-135M (opt-in, a few minutes on 2 cores).
 
-llama-cpp-python builds from source (~25 min on 2 cores; see benchmarks/gguf_llamacpp.py), so it is not a
+llama-cpp-python builds from source (~22 min on 2 cores; see benchmarks/gguf_llamacpp.py), so it is not a
 dependency: the test runs when ``ZQAT_LLAMACPP_PYTHON`` names the Python of an environment that has it, or when
 ``llama_cpp`` is importable here, and is skipped at collection otherwise.
 """
