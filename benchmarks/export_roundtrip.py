@@ -16,10 +16,12 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import transformers
 from peft import get_peft_model
+from torch import nn
 
 import zqat_peft  # noqa: F401
 from zqat_peft import ZeroQATConfig
@@ -33,6 +35,17 @@ def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
+def rtn_model(bits: int) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M with every linear layer RTN W{bits} g64 (float32), and its tokenizer."""
+    base, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    return get_peft_model(base, ZeroQATConfig(w_bits=bits, group_size=64, trainable="scales")), tokenizer
+
+
+def wiki_test_windows(tokenizer, max_windows: Optional[int] = None) -> torch.Tensor:
+    """[n, 512] token windows of the Wikipedia test split (the whole split by default)."""
+    return token_windows(encode_joined(tokenizer, load_text("wiki", "test")), 512, max_windows=max_windows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=4)
@@ -40,9 +53,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/export_roundtrip.json")
     args = parser.parse_args()
 
-    base, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    model = get_peft_model(base, ZeroQATConfig(w_bits=args.bits, group_size=64, trainable="scales"))
-    windows = token_windows(encode_joined(tokenizer, load_text("wiki", "test")), 512, max_windows=args.windows)
+    model, tokenizer = rtn_model(args.bits)
+    windows = wiki_test_windows(tokenizer, args.windows)
     rows = {"zqat_peft": {"wiki_ppl": perplexity(model, windows, batch_size=4), "size_mb": None}}
     exports = {"merged float32": (save_merged, "merged"), "gguf Q4_1": (save_gguf, "model.gguf")}
     if args.bits in (2, 4, 8):
