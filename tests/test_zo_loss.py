@@ -7,6 +7,7 @@ import torch
 import transformers
 from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from zqat_peft import ZeroQATConfig, ZOTrainer, ZOTrainingArguments
 from zqat_peft.zo import chunked_causal_lm_loss, chunked_loss_unsupported
@@ -150,7 +151,8 @@ def test_zo_loss_chunk_tokens_must_be_positive(chunk_tokens, tmp_path):
 
 
 class LargestFloatTensor(TorchDispatchMode):
-    """The bytes of the largest floating-point tensor any operation returns inside the block."""
+    """The bytes of the largest floating-point tensor any operation allocates inside the block (views of
+    its inputs, e.g. a weight's transpose, allocate nothing)."""
 
     def __init__(self):
         super().__init__()
@@ -158,9 +160,10 @@ class LargestFloatTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel() * t.element_size())
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
         return out
 
 
@@ -177,3 +180,30 @@ def test_the_chunked_loss_never_makes_a_tensor_the_size_of_the_float32_logits():
     with torch.no_grad(), LargestFloatTensor() as chunked:
         chunked_causal_lm_loss(model, inputs, chunk_tokens=16)
     assert chunked.largest <= 16 * 32000 * 4 < full_logits_bytes / 8
+
+
+def test_zo_training_runs_the_chunked_loss_without_autograd(tmp_path, monkeypatch):
+    grad_enabled = []
+
+    def recording_loss(model, inputs, chunk_tokens):
+        grad_enabled.append(torch.is_grad_enabled())
+        loss = chunked_causal_lm_loss(model, inputs, chunk_tokens)
+        assert loss.grad_fn is None
+        return loss
+
+    monkeypatch.setattr(trainer_module, "chunked_causal_lm_loss", recording_loss)
+    model = get_peft_model(tiny_model("llama"), ZeroQATConfig(w_bits=4, group_size=32, trainable="full"))
+    data = [{k: v[i] for k, v in padded_batch(4, 16).items()} for i in range(4)]
+    args = zo_args(tmp_path, max_steps=2, per_device_train_batch_size=4, zo_loss_chunk_tokens=7, disable_tqdm=True)
+    ZOTrainer(model=model, args=args, train_dataset=data).train()
+    assert grad_enabled == [False] * 4  # two forwards per step
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_forward_replaced_on_the_instance_keeps_the_models_loss():
+    model = get_peft_model(tiny_model("llama"), ZeroQATConfig(w_bits=4, group_size=32))
+    assert chunked_loss_unsupported(model) is None
+    model.forward = lambda **kw: None  # e.g. a spy, or a wrapper that changes the outputs
+    assert "replaced" in chunked_loss_unsupported(model)
+    model._original_forward = model.forward  # accelerate's autocast wrapper: its autocast is reproduced
+    assert chunked_loss_unsupported(model) is None

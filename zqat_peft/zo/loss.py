@@ -52,8 +52,11 @@ def chunked_loss_unsupported(model: nn.Module) -> Optional[str]:
     if verified is None:
         return (f"{type(base).__name__} is not one of the causal LMs whose logits are known to be lm_head(last "
                 f"hidden state) with no soft-capping or scaling ({', '.join(sorted(CAUSAL_LMS_WITH_PLAIN_HEAD))})")
-    if type(base).forward is not verified.forward or "forward" in vars(base):
+    if type(base).forward is not verified.forward:
         return f"{type(base).__name__} replaces {verified.__name__}.forward"
+    replaced = [m for m in (model, getattr(model, "base_model", model), base) if _forward_replaced(m)]
+    if replaced:
+        return f"the forward of its {type(replaced[0]).__name__} is replaced on the instance"
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         return f"{type(base).__name__} has hooks on its forward"
     from transformers.loss.loss_utils import ForCausalLMLoss
@@ -61,6 +64,12 @@ def chunked_loss_unsupported(model: nn.Module) -> Optional[str]:
     if base.loss_function is not ForCausalLMLoss:
         return f"{type(base).__name__}'s loss_function is {base.loss_function!r}, not ForCausalLMLoss"
     return None
+
+
+def _forward_replaced(module: nn.Module) -> bool:
+    """A forward set on the instance, other than accelerate's mixed-precision wrapper (which keeps the
+    original as ``_original_forward``; its autocast is the caller's to reproduce, as ZOTrainer does)."""
+    return "forward" in vars(module) and "_original_forward" not in vars(module)
 
 
 def _verified_class(base: nn.Module) -> Optional[type]:
