@@ -43,9 +43,14 @@ import transformers
 
 from zqat_peft import ZeroQATConfig, ZQATLinear, kernels
 from zqat_peft.build import build_packed_model
-from zqat_peft.zo import loss_difference, projected_gradient, spsa_losses, zo_parameters, zo_update
+from zqat_peft.zo import (
+    ZOTrainingArguments, chunked_causal_lm_loss, loss_difference, projected_gradient, spsa_losses, zo_parameters,
+    zo_update,
+)
 
 GIB = 2**30
+# ZOTrainer's default: the loss over this many token positions at a time
+LOSS_CHUNK_TOKENS = ZOTrainingArguments.__dataclass_fields__["zo_loss_chunk_tokens"].default
 SHAPES = {
     "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                        num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
@@ -143,13 +148,18 @@ def master_dtypes(model: torch.nn.Module) -> list[str]:
     return sorted({str(t.dtype) for n, t in model.named_parameters() if ".zqat_weight." in n})
 
 
-def one_zo_step(model: torch.nn.Module, ids: torch.Tensor, seed: int, eps: float, lr: float) -> tuple[float, float]:
+def one_zo_step(model: torch.nn.Module, ids: torch.Tensor, seed: int, eps: float, lr: float,
+                loss_chunk_tokens: Optional[int] = LOSS_CHUNK_TOKENS) -> tuple[float, float]:
     """One ZO step on ``ids`` (labels = inputs): the two perturbed losses, then the seeded update (absolute
-    step). The forwards build no key/value cache, as in ZOTrainer."""
+    step). The forwards build no key/value cache and compute the loss ``loss_chunk_tokens`` positions at a
+    time, as in ZOTrainer (None: the model's own loss, the whole float32 logits at once)."""
     params = zo_parameters(model)
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
 
     def loss() -> torch.Tensor:
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
+        if loss_chunk_tokens is None:
+            return model(**inputs).loss
+        return chunked_causal_lm_loss(model, inputs, loss_chunk_tokens)
 
     loss_pos, loss_neg = spsa_losses(params, loss, seed, eps)
     grad = projected_gradient(float(loss_difference(loss_pos, loss_neg)), eps)
@@ -220,7 +230,8 @@ def run_mode(args: argparse.Namespace, mode: str, device: torch.device, dtype: t
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
     start = time.perf_counter()
-    losses, step = measured(device, lambda: one_zo_step(model, ids, args.seed, args.eps, args.lr))
+    losses, step = measured(device, lambda: one_zo_step(model, ids, args.seed, args.eps, args.lr,
+                                                         args.loss_chunk_tokens or None))
     step_seconds = time.perf_counter() - start
     floor_bytes = sum(v for k, v in floor.items() if k != "other_buffers")  # any unforeseen kind counts too
     if device.type == "cuda":
@@ -250,6 +261,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", help="model dtype (default bfloat16 on CUDA, float32 on the CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
+                        help=f"token positions per chunk of the loss (default {LOSS_CHUNK_TOKENS}, ZOTrainer's); "
+                             "0: the model's own loss over the whole logits")
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=1)
@@ -259,6 +273,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.batch = args.batch or (2 if args.smoke else 16)
     args.seq = args.seq or (32 if args.smoke else 128)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.loss_chunk_tokens < 0:
+        parser.error(f"--loss-chunk-tokens must be >= 0 (0: the model's own loss), got {args.loss_chunk_tokens}.")
     if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
         parser.error(f"--dtype {args.dtype!r} is not a torch dtype (e.g. bfloat16, float32).")
     return args
@@ -271,10 +287,12 @@ def kernel_in_use(device: torch.device) -> str:
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
+    chunk = meta["loss_chunk_tokens"]
+    loss_how = f"in chunks of {chunk} tokens" if chunk else "over the whole logits"
     scale, unit = (GIB, "GiB") if max(r["floor_bytes"] for r in rows) >= GIB else (2**20, "MiB")
     print(f"{meta['shape']} shape, {meta['layers']} of {meta['full_depth_layers']} decoder layers, "
-          f"W{meta['w_bits']}A16 g{meta['group_size']}, {meta['batch']} x {meta['seq']} tokens, {meta['dtype']} "
-          f"on {meta['device']} ({meta['kernel']}); peak: {meta['peak_how']}")
+          f"W{meta['w_bits']}A16 g{meta['group_size']}, {meta['batch']} x {meta['seq']} tokens, {meta['dtype']}, "
+          f"loss {loss_how}, on {meta['device']} ({meta['kernel']}); peak: {meta['peak_how']}")
     full = f"floor {meta['full_depth_layers']}L (arith.)"
     print(f"{'mode':12s} {'floor (tensors)':>15s} {'floor (arith.)':>14s} {'step peak':>10s} {'peak-floor':>10s} "
           f"{'build-floor':>11s} {full:>22s}  {'masters':14s} losses (+eps, -eps)")
@@ -303,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {key: getattr(args, key) for key in ("shape", "w_bits", "group_size", "batch", "seq", "dtype", "eps", "lr",
-                                                 "seed", "modes")}
+                                                 "seed", "modes", "loss_chunk_tokens")}
     meta.update(device=str(device), layers=rows[0]["layers"], full_depth_layers=rows[0]["full_depth_layers"],
                 kernel=kernel, peak_how=CUDA_HOW if device.type == "cuda" else CPU_HOW,
                 torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads(),

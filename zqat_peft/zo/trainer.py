@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 from ..tuner.layer import ZQATLayer
 from .estimator import loss_difference, spsa_losses
 from .guard import DivergenceGuard
+from .loss import chunked_causal_lm_loss, chunked_loss_unsupported
 from .optimizer import ZO_STEPS, ZOOptimizer
 from .perturbation import check_not_offloaded, zo_parameters
 
@@ -50,6 +51,10 @@ class ZOTrainingArguments(TrainingArguments):
     zo_max_nonfinite_steps: int = field(
         default=10, metadata={"help": "Stop after this many NaN/inf losses in a row (each one skips its update)."}
     )
+    zo_loss_chunk_tokens: Optional[int] = field(default=256, metadata={
+        "help": "Compute the causal-LM loss over this many token positions at a time (zqat_peft.zo.loss), never "
+                "holding the whole float32 logits; None: the model's own loss. Models whose loss the chunks cannot "
+                "reproduce exactly (logit soft-capping or scaling, unknown heads) always use their own."})
     # There are no gradients to clip: the Trainer's norm clipping is off.
     max_grad_norm: float = field(default=0.0, metadata={"help": "Must stay 0: use zo_grad_clip instead."})
 
@@ -74,6 +79,11 @@ class ZOTrainingArguments(TrainingArguments):
             raise ValueError(f"zo_eps must be positive, got {self.zo_eps}.")
         if self.zo_num_queries < 1:
             raise ValueError(f"zo_num_queries must be at least 1, got {self.zo_num_queries}.")
+        if self.zo_loss_chunk_tokens is not None and self.zo_loss_chunk_tokens < 1:
+            raise ValueError(
+                f"zo_loss_chunk_tokens must be a positive number of tokens, got {self.zo_loss_chunk_tokens}; "
+                "use None for the model's own loss."
+            )
         if self.zo_step not in ZO_STEPS:
             raise ValueError(f"zo_step must be one of {ZO_STEPS}, got {self.zo_step!r}.")
         if self.zo_step == "relative" and self.zo_grad_clip is not None:
@@ -125,6 +135,21 @@ class ZOTrainer(Trainer):
                 "DeepSpeed and FSDP shard the trained weights, which breaks the seeded perturbation every process "
                 "must apply to the same full weights. Use plain multi-process data parallelism (accelerate launch)."
             )
+        self.loss_chunk_tokens = self._loss_chunk_tokens()
+
+    def _loss_chunk_tokens(self) -> Optional[int]:
+        """zo_loss_chunk_tokens where the chunked loss is exactly the default loss, else None (decided once)."""
+        chunk_tokens = self.args.zo_loss_chunk_tokens
+        if chunk_tokens is None:
+            return None
+        if self.compute_loss_func is not None or self.label_smoother is not None:
+            reason = "a compute_loss_func or label smoothing replaces the model's loss"
+        else:
+            reason = chunked_loss_unsupported(self.model)
+        if reason is not None:
+            logger.info("ZO forwards use the model's own loss (the whole logits at once): %s.", reason)
+            return None
+        return chunk_tokens
 
     @property
     def divergence_guard(self) -> Optional[DivergenceGuard]:
@@ -154,6 +179,22 @@ class ZOTrainer(Trainer):
                 norm_clip=args.zo_norm_clip,
             )
         return self.optimizer
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Optional[torch.Tensor] = None):
+        """The Trainer's loss; a causal LM's is computed chunk by chunk (``zo_loss_chunk_tokens``) when only
+        the loss is asked for."""
+        if self.loss_chunk_tokens is None or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        unwrapped, chunk_tokens = self.accelerator.unwrap_model(model), self.loss_chunk_tokens
+
+        def loss_only_forward(**model_inputs: Any) -> dict[str, torch.Tensor]:
+            # what the prepared model's forward would run under (accelerate wraps it in autocast)
+            with self.accelerator.autocast():
+                return {"loss": chunked_causal_lm_loss(unwrapped, model_inputs, chunk_tokens)}
+
+        # the Trainer's own handling of num_items_in_batch and its scaling, around the chunked forward
+        return super().compute_loss(loss_only_forward, inputs, return_outputs, num_items_in_batch)
 
     @property
     def zo_optimizer(self) -> ZOOptimizer:
