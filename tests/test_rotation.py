@@ -181,3 +181,23 @@ def test_integer_exports_refuse_the_online_hadamard_and_merged_carries_it(tmp_pa
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_with_online_hadamard_saves_and_reloads(tmp_path):
+    """Smoothing and GPTQ rounding see down_proj's rotated input; the calibrated model reloads the same."""
+    from peft import PeftModel
+
+    from zqat_peft import calibrate, calibration_batches
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = _hadamard_model(model=_planted_outlier_model(), w_bits=4, a_bits=4, init="calibrate", calib_epochs=1,
+                            rounding="gptq", trainable="scales")
+    batches = calibration_batches(torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0)), 4, 32, 2)
+    calibrate(model, batches, progress=False)
+    down_proj = model.get_base_model().model.layers[0].mlp.down_proj
+    assert down_proj.is_packed("default") and down_proj.zqat_input_hadamard
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(_planted_outlier_model(), tmp_path)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
