@@ -112,6 +112,7 @@ OUT_OF_RANGE = {
     "quant.symmetric": ("sometimes", "true or false"),
     "quant.smooth": (0, "true or false"),
     "quant.rotate": (1, "true or false"),
+    "quant.online_hadamard": ("yes", "true or false"),
     "train.bf16": ("maybe", "true or false"),
 }
 # of the wrong kind: a fraction where a count is wanted, not a number, not finite
