@@ -9,7 +9,8 @@ evaluated by zqat_peft's own perplexity (the whole wiki test split, 512-token wi
   W4A4: GPTQ on the per-channel weights, the inputs of every linear layer fake-quantized per token
   in the evaluation, as ZeroQAT does.
 - ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq, ``clipping`` learned (the recipe's
-  calib_epochs) or the MSE grid alone (calib_epochs=0); ``rotate``: the residual stream rotated first.
+  calib_epochs) or the MSE grid alone (calib_epochs=0); ``rotate``: the residual stream rotated first
+  (with an online Hadamard before down_proj unless ``online_hadamard`` is False: ``init-rotate-no-hadamard``).
   Each setting's quantization settings (smoothing, which layers train) are those of its CPU recipe
   (``RECIPES``), with the calibration tokens above instead of the recipe's.
 - ``zeroqat``: the ``init-gptq`` (or ``init-rotate-gptq``) model, then the training of the setting's CPU
@@ -69,10 +70,15 @@ METHODS = {
     "init": {"method": "init", "rounding": "nearest", "clipping": "learned"},
     "init-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned"},
     "init-gptq-msegrid": {"method": "init", "rounding": "gptq", "clipping": "mse-grid"},
-    "init-rotate": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True},
-    "init-rotate-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned", "rotate": True},
+    "init-rotate": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True,
+                    "online_hadamard": True},
+    "init-rotate-no-hadamard": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True,
+                                "online_hadamard": False},
+    "init-rotate-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned", "rotate": True,
+                         "online_hadamard": True},
     "zeroqat": {"method": "zeroqat", "rounding": "gptq", "clipping": "learned"},
-    "zeroqat-rotate": {"method": "zeroqat", "rounding": "gptq", "clipping": "learned", "rotate": True},
+    "zeroqat-rotate": {"method": "zeroqat", "rounding": "gptq", "clipping": "learned", "rotate": True,
+                       "online_hadamard": True},
 }
 OTHER_CORPORA = ("lee", "austen")
 
@@ -132,7 +138,8 @@ def main() -> None:
 
 
 def _same_row(a: dict, b: dict) -> bool:
-    keys = ("setting", "method", "observer", "rounding", "clipping", "rotate", "windows", "calib_tokens", "train_steps")
+    keys = ("setting", "method", "observer", "rounding", "clipping", "rotate", "online_hadamard", "windows",
+            "calib_tokens", "train_steps")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -151,7 +158,8 @@ def build(args, setting: str, name: str, calib: list[torch.Tensor]) -> nn.Module
         return llmc_gptq(args, model, settings, method["observer"], calib)
     if method["method"] == "rtn":
         return get_peft_model(model, ZeroQATConfig(trainable="scales", **settings))
-    changes = dict(init="calibrate", rounding=method["rounding"], rotate=method.get("rotate", False))
+    changes = dict(init="calibrate", rounding=method["rounding"], rotate=method.get("rotate", False),
+                   online_hadamard=method.get("online_hadamard", True))
     if method["clipping"] == "mse-grid":
         changes["calib_epochs"] = 0
     config = ZeroQATConfig(**{**quant, **changes})
@@ -221,7 +229,8 @@ def _save(path: Path, rows: list[dict]) -> None:
 def print_table(rows: list[dict]) -> None:
     print("| setting | method | variant | wiki_ppl | seconds |\n|---|---|---|---|---|")
     for r in rows:
-        variant = ", ".join(f"{k}={r[k]}" for k in ("observer", "rounding", "clipping", "rotate", "train_steps") if k in r)
+        shown = ("observer", "rounding", "clipping", "rotate", "online_hadamard", "train_steps")
+        variant = ", ".join(f"{k}={r[k]}" for k in shown if k in r)
         seconds = r.get("quantize_seconds", r.get("train_seconds"))
         print(f"| {r['setting']} | {r['method']} | {variant} | {r['wiki_ppl']:.2f} | {seconds:.0f} |")
 

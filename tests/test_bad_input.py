@@ -59,7 +59,12 @@ def _truncate(path: Path) -> None:
     data = path.read_bytes()
     cut = len(data) // 2
     if path.suffix == ".yaml":
-        cut = data.index(b"\n", cut) + 4  # the next line's indentation and the start of its key
+        # inside the key of an indented line after a key with a value (under a bare section header, a cut
+        # key would read as the section's scalar value)
+        cut = data.index(b"\n  ", cut)
+        while data[:cut].rstrip().endswith(b":"):
+            cut = data.index(b"\n  ", cut + 1)
+        cut += 4
     path.write_bytes(data[:cut])
 
 
@@ -112,6 +117,7 @@ OUT_OF_RANGE = {
     "quant.symmetric": ("sometimes", "true or false"),
     "quant.smooth": (0, "true or false"),
     "quant.rotate": (1, "true or false"),
+    "quant.online_hadamard": ("yes", "true or false"),
     "train.bf16": ("maybe", "true or false"),
 }
 # of the wrong kind: a fraction where a count is wanted, not a number, not finite

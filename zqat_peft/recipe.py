@@ -35,6 +35,7 @@ QUANT_KEYS = (
     "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
     "trainable_modules", "init", "smooth", "calib_epochs", "calib_lr", "calib_smooth_lr", "calib_alpha",
     "rounding", "gptq_damp", "gptq_block_size", "rotate", "rotation_seed",
+    "online_hadamard",
 )
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
@@ -129,7 +130,8 @@ RANGES: dict[str, Range] = {
     "finetune.max_length": _count(low=2),
     "finetune.eval_batch_size": _count(),
 }
-BOOLEAN_KEYS = ("save_init", "quant.symmetric", "quant.smooth", "quant.rotate", "train.bf16")
+BOOLEAN_KEYS = ("save_init", "quant.symmetric", "quant.smooth", "quant.rotate", "quant.online_hadamard",
+                "train.bf16")
 RECIPE_FILE_FIX = "correct the file (recipes/demo.yaml shows the form)"
 ADAPTER_FIX = "give a folder that save_pretrained wrote whole (e.g. runs/NAME/adapter), or train the adapter again"
 

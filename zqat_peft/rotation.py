@@ -11,13 +11,22 @@ transformers model with new weights (norm weights all ones, the LM head untied f
 Q is a random orthogonal matrix (QR of a Gaussian, seeded): hidden sizes such as 576 are not powers of
 two, and a random orthogonal matrix spreads outliers as a randomized Hadamard does, at the cost of a
 dense product where a Hadamard has a fast transform (irrelevant here: Q is fused, never applied online).
-The online Hadamard QuaRot adds before down_proj is not done here.
+
+The input of down_proj (the SwiGLU product) has massive per-channel outliers that no residual rotation
+reaches. ``fuse_down_proj_hadamard`` writes ``W H`` into every down_proj weight, H the orthogonal Hadamard
+matrix of the intermediate size (zqat_peft.hadamard: 1536 = 12 x 128); the model is then exact only once
+each down_proj multiplies its input by H at run time, which ZeroQAT's layer does before quantizing it
+(``ZeroQATConfig(rotate=True, online_hadamard=True)``, QuaRot's online Hadamard). That one online transform
+is the only runtime addition; H is deterministic (no random signs: the outliers it must spread sit in
+fixed channels, and a Hadamard spreads any single channel evenly).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .hadamard import apply_hadamard, hadamard_factors
 
 # (norm, layers reading its output) inside each decoder block, and the layers writing into the stream
 _BLOCK_READERS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -55,6 +64,26 @@ def rotate_model(model: nn.Module, seed: int = 0) -> nn.Module:
             _rotate_writer(block.get_submodule(name), q)
     _fold_and_rotate_readers(inner.norm, [head], q)
     return model
+
+
+DOWN_PROJ = "mlp.down_proj"
+
+
+@torch.no_grad()
+def fuse_down_proj_hadamard(model: nn.Module) -> int:
+    """Replace every down_proj weight W by W H (H the orthogonal Hadamard matrix of its input size); in place.
+
+    The model computes the same function only once each down_proj's input is multiplied by H at run time
+    (``x H (W H)^T = x W^T``). Returns the Hadamard size; raises ValueError (before changing anything) for a
+    model that is not LLaMA-style or an intermediate size with no Hadamard matrix here.
+    """
+    inner, _ = _llama_parts(model)
+    size = inner.layers[0].get_submodule(DOWN_PROJ).in_features
+    factors = hadamard_factors(size)
+    for block in inner.layers:
+        layer = block.get_submodule(DOWN_PROJ)
+        _set(layer.weight, apply_hadamard(layer.weight.double(), factors))
+    return size
 
 
 def _fold_and_rotate_readers(norm: nn.Module, readers: list[nn.Linear], q: torch.Tensor) -> None:

@@ -194,7 +194,7 @@ def _smoothing_groups(block, layers, inputs, dtype, adapter, config) -> list[_Sm
     def hook(layer, args):
         x = args[0]
         seen[layer] = x
-        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        m = layer.rotated_input(x.detach(), adapter).abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
         act_max[layer] = torch.maximum(act_max[layer], m) if layer in act_max else m
 
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]

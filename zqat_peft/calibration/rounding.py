@@ -103,7 +103,5 @@ def _stage_hessians(block, stage, inputs, dtype, adapter) -> dict[ZQATLinear, to
 
 
 def _matmul_input(layer: ZQATLinear, x: torch.Tensor, adapter: str) -> torch.Tensor:
-    """What the layer multiplies its weight with: its input, smoothed and activation-quantized."""
-    if adapter in layer.zqat_input_scale:
-        x = x * layer.zqat_input_scale[adapter].to(x.dtype)
-    return fake_quantize_activation(x, layer.zqat_spec[adapter].a_bits)
+    """What the layer multiplies its weight with: its input, rotated, smoothed and activation-quantized."""
+    return fake_quantize_activation(layer.smoothed_input(x, adapter), layer.zqat_spec[adapter].a_bits)

@@ -25,7 +25,7 @@ from .folder import new_folder, write_model_files, write_safetensors
 from .report import ExportReport
 from .weights import (
     FLOAT_SCALE_DTYPES, QuantizedLinear, check_g_idx, check_layer_tensors, check_tensor, common_setting,
-    float_tensors, plain_linears, quantized_linears, refuse_smoothing, warn_dropped_activation_quantization,
+    float_tensors, plain_linears, quantized_linears, refuse_input_transforms, warn_dropped_activation_quantization,
 )
 
 COMPRESSED_TENSORS_BITS = (2, 4, 8)
@@ -90,7 +90,7 @@ def save_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, tokeni
     quantize (lm_head) are listed in ``ignore``.
     """
     layers = quantized_linears(model)
-    refuse_smoothing(layers, "compressed-tensors")
+    refuse_input_transforms(layers, "compressed-tensors")
     bits, group_size, symmetric = common_setting(layers, "compressed-tensors")
     dropped = warn_dropped_activation_quantization(model)
     tensors = float_tensors(model)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .report import ExportReport
 from .weights import (
-    QuantizedLinear, base_model, float_tensors, quantized_linears, refuse_smoothing, warn_dropped_activation_quantization,
+    QuantizedLinear, base_model, float_tensors, quantized_linears, refuse_input_transforms, warn_dropped_activation_quantization,
 )
 
 Q4_1_BLOCK = 32
@@ -121,7 +121,7 @@ def save_gguf(
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new file for the export")
     layers = quantized_linears(model)
-    refuse_smoothing(layers, "GGUF")
+    refuse_input_transforms(layers, "GGUF")
     for q in layers.values():
         q4_1_params(q)  # refuse what Q4_1 cannot hold before writing anything
     dropped = warn_dropped_activation_quantization(model)

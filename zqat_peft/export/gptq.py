@@ -28,7 +28,7 @@ from .folder import new_folder, write_model_files, write_safetensors
 from .report import ExportReport
 from .weights import (
     FLOAT_SCALE_DTYPES, QuantizedLinear, base_model, check_g_idx, check_layer_tensors, check_tensor, common_setting,
-    float_tensors, plain_linears, quantized_linears, refuse_smoothing, tied_output_embedding_name,
+    float_tensors, plain_linears, quantized_linears, refuse_input_transforms, tied_output_embedding_name,
     warn_dropped_activation_quantization, warn_fp16_scales,
 )
 
@@ -105,7 +105,7 @@ def save_gptq(
     quantize all of them); the scales are stored in float16 (a warning gives the largest weight change).
     """
     layers = quantized_linears(model)
-    refuse_smoothing(layers, "GPTQ")
+    refuse_input_transforms(layers, "GPTQ")
     bits, group_size, symmetric = common_setting(layers, "GPTQ")
     plain = [n for n in plain_linears(model) if f"{n}.weight" != _output_embedding_weight(model)]
     if plain:

@@ -2,7 +2,8 @@
 
 A smoothed layer computes ``(x * input_scale) @ Q(W s)^T``; a plain Linear has no input scale, so its
 weight becomes ``Q(W s) * input_scale`` per input column: the same function in float activations, on the
-grid only up to that per-input-channel scale. Any runtime loads the result; it is as large as the base model.
+grid only up to that per-input-channel scale. A layer with an online Hadamard H (``x H`` first) gets that
+weight times H^T. Any runtime loads the result; it is as large as the base model.
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..hadamard import apply_hadamard, hadamard_factors
 from .folder import new_folder, write_model_files, write_safetensors
 from .report import ExportReport
 from .weights import QuantizedLinear, base_model, float_tensors, quantized_linears, warn_dropped_activation_quantization
 
 
 def merged_weight(q: QuantizedLinear, dtype: torch.dtype) -> Tensor:
-    """[out, in] float weight of one layer, with its smoothing factor folded into the input columns."""
+    """[out, in] float weight of one layer, with its smoothing factor folded into the input columns and its
+    online Hadamard undone."""
     weight = q.dequantize(torch.float32)
     if q.input_scale is not None:
         weight = weight * q.input_scale.unsqueeze(0)
+    if q.input_hadamard:
+        weight = apply_hadamard(weight.double(), hadamard_factors(q.input_hadamard), transpose=True)
     return weight.to(dtype)
 
 

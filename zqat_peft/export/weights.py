@@ -29,7 +29,8 @@ class QuantizedLinear:
 
     codes: uint8 [out, in] in [0, 2**bits); scale: float32 [out, n_groups]; zero: uint8 [out, n_groups].
     ``input_scale`` is the smoothing factor 1/s per input channel (float32 [in]) or None; the layer then
-    computes ``(x * input_scale) @ weight^T``.
+    computes ``(x * input_scale) @ weight^T``. ``input_hadamard`` is the size of the Hadamard matrix H the
+    layer multiplies its input by first (``((x H) * input_scale) @ weight^T``), 0 for none.
     """
 
     codes: Tensor
@@ -40,6 +41,7 @@ class QuantizedLinear:
     symmetric: bool
     bias: Optional[Tensor] = None
     input_scale: Optional[Tensor] = None
+    input_hadamard: int = 0
 
     @property
     def out_features(self) -> int:
@@ -82,6 +84,7 @@ def quantized_linear(layer: ZQATLinear, adapter: Optional[str] = None) -> Quanti
         codes=codes.contiguous(), scale=scale.contiguous(), zero=zero.contiguous(), bits=spec.w_bits,
         group_size=spec.group_size, symmetric=spec.symmetric,
         bias=None if bias is None else bias.detach().cpu(), input_scale=input_scale,
+        input_hadamard=spec.input_hadamard,
     )
 
 
@@ -142,14 +145,23 @@ def common_setting(layers: dict[str, QuantizedLinear], fmt: str) -> tuple[int, i
     return settings.pop()
 
 
-def refuse_smoothing(layers: dict[str, QuantizedLinear], fmt: str) -> None:
-    """Smoothing folded into a weight puts it on the grid only up to a per-input-channel scale: refuse."""
+def refuse_input_transforms(layers: dict[str, QuantizedLinear], fmt: str) -> None:
+    """Refuse layers that transform their input before the weight: a smoothing scale folded into the weight
+    puts it on the grid only up to a per-input-channel scale; an online Hadamard is a runtime operation."""
     smoothed = [name for name, q in layers.items() if q.is_smoothed()]
     if smoothed:
         raise ValueError(
             f"{len(smoothed)} layers (e.g. {smoothed[0]}) carry a smoothing scale (weight-activation calibration): "
             f"folded into the weight it is on the quantization grid only up to a per-input-channel scale, which "
             f"{fmt} cannot hold. Export with format 'merged' (float weights computing the same function) instead"
+        )
+    rotated = [name for name, q in layers.items() if q.input_hadamard]
+    if rotated:
+        raise ValueError(
+            f"{len(rotated)} layers (e.g. {rotated[0]}) multiply their input by a Hadamard matrix at run time "
+            f"(rotate=True with online_hadamard): {fmt} has no such operation, and folded into the weight it "
+            "leaves the quantization grid. Export with format 'merged' (float weights computing the same "
+            "function), or quantize with online_hadamard=False"
         )
 
 

@@ -39,6 +39,11 @@ class ZeroQATConfig(PeftConfig):
     what the cache holds. Queries are never quantized: for a fused query/key/value projection (GPT-NeoX's
     ``query_key_value``, Phi-3's ``qkv_proj``) only its key and value heads are.
 
+    ``rotate=True`` rotates the residual stream first (zqat_peft.rotation), and with ``online_hadamard`` (the
+    default) each down_proj also rotates its input online with a Hadamard matrix: the 4-bit activations of
+    the SwiGLU product lose their outlier channels. It is a separate switch because it adds a transform at
+    run time that the integer export formats cannot carry.
+
     ``init="rtn"`` packs frozen layers right away (round-to-nearest). ``init="calibrate"`` keeps them in
     float form until `zqat_peft.calibrate(model, data)` has learned clipping (and smoothing), then packs
     them and sets ``calibrated=True``; a model loaded from such a checkpoint is rebuilt packed. With
@@ -106,6 +111,12 @@ class ZeroQATConfig(PeftConfig):
                           "LLaMA-style models; the same seed rebuilds the same rotated base when the adapter is loaded."},
     )
     rotation_seed: int = field(default=0, metadata={"help": "Seed of the random orthogonal rotation."})
+    online_hadamard: bool = field(
+        default=True,
+        metadata={"help": "With rotate: each down_proj multiplies its input by a Hadamard matrix H at run time, before "
+                          "quantizing it, and holds W H as its weight (QuaRot's online Hadamard; exact in float). Only "
+                          "the merged export carries it: GPTQ, compressed-tensors and GGUF refuse such a model."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,6 +146,10 @@ class ZeroQATConfig(PeftConfig):
         if self.gptq_damp < 0 or self.gptq_block_size < 1:
             raise ValueError(f"gptq_damp must be >= 0 and gptq_block_size >= 1, got {self.gptq_damp} and "
                              f"{self.gptq_block_size}.")
+
+    def rotates_input(self, module_name: str) -> bool:
+        """Whether the layer multiplies its input by a Hadamard matrix online (every down_proj of a rotated model)."""
+        return self.rotate and self.online_hadamard and _matches_suffix(module_name, "mlp.down_proj")
 
     def is_trained(self, module_name: str) -> bool:
         """Whether the layer called `module_name` keeps a master weight that ZO training updates."""

@@ -14,6 +14,11 @@ With smoothing (weight-activation settings), ``zqat_input_scale`` holds 1/s per 
 layer computes (x / s) @ (W s)^T, exact for any architecture, with s already folded into the master
 weight (or codes). Calibration learns s.
 
+With an online Hadamard (``spec.input_hadamard``, down_proj of a rotated model), the layer first multiplies
+its input by the orthogonal Hadamard matrix H; its weight is then W H (fused at rotation time), so it computes
+(x H) @ (W H)^T = x @ W^T in float while the quantized activations are those of x H. Smoothing then acts
+in the rotated basis: ((x H) / s) @ (W H s)^T.
+
 The base nn.Linear keeps only its bias: its weight is replaced by an empty placeholder (that still
 carries dtype and device for peft's bookkeeping), because ZQATLinear owns the only copy of the weight.
 The layer knows nothing of training.
@@ -31,6 +36,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..hadamard import OnlineHadamard
 from ..noise import WeightNoise, add_scaled_noise
 from ..quant import (
     dequantize_packed,
@@ -74,6 +80,7 @@ class LayerQuantSpec:
     # `out_query_heads` are queries, which stay in full precision. 0 = every output head is a key or value.
     out_block_heads: int = 0
     out_query_heads: int = 0
+    input_hadamard: int = 0  # size of the Hadamard matrix the input is multiplied by online; 0 = none
 
 
 class ZQATLayer(BaseTunerLayer):
@@ -91,6 +98,7 @@ class ZQATLayer(BaseTunerLayer):
         self.zqat_input_scale = nn.ParameterDict({})
         self.zqat_qweight = BufferDict({}, persistent=True)
         self.zqat_zeros = BufferDict({}, persistent=True)
+        self.zqat_input_hadamard = nn.ModuleDict({})  # rebuilt from the spec, nothing saved
         self.zqat_spec: dict[str, LayerQuantSpec] = {}
         # adapter -> the noise the forward adds to its master weight (see set_weight_noise); normally empty
         self.zqat_weight_noise: dict[str, WeightNoise] = {}
@@ -120,6 +128,11 @@ class ZQATLayer(BaseTunerLayer):
         if spec.smooth:
             ones = torch.ones(self.in_features, dtype=torch.float32, device=weight.device)
             self.zqat_input_scale[adapter_name] = nn.Parameter(ones, requires_grad=False)
+        if spec.input_hadamard:
+            if spec.input_hadamard != self.in_features:
+                raise ValueError(f"an online Hadamard of size {spec.input_hadamard} cannot rotate an input of "
+                                 f"{self.in_features} features")
+            self.zqat_input_hadamard[adapter_name] = OnlineHadamard(spec.input_hadamard).to(weight.device)
         base.weight = nn.Parameter(weight.data.new_empty(0), requires_grad=False)
         frozen = ["zqat_clip_lower", "zqat_clip_upper", "zqat_input_scale"]
         if not trained:
@@ -147,6 +160,19 @@ class ZQATLayer(BaseTunerLayer):
         else:
             self.zqat_weight_noise[attr] = noise
         return True
+
+    def rotated_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The input in the basis of the weight: x H with an online Hadamard, else x."""
+        if adapter_name in self.zqat_input_hadamard:
+            return self.zqat_input_hadamard[adapter_name](x)
+        return x
+
+    def smoothed_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """What the layer quantizes and multiplies its weight with: the rotated input times 1/s (if smoothed)."""
+        x = self.rotated_input(x, adapter_name)
+        if adapter_name in self.zqat_input_scale:
+            x = x * self.zqat_input_scale[adapter_name].to(x.dtype)
+        return x
 
     def master_weight(self, adapter_name: str) -> torch.Tensor:
         """The full-precision weight the forward sees (perturbed while a ``WeightNoise`` is set), [out, in]."""
@@ -229,8 +255,7 @@ class ZQATLinear(nn.Module, ZQATLayer):
             return self.base_layer(x, *args, **kwargs)
         adapter = self.active_adapters[0]
         spec = self.zqat_spec[adapter]
-        if adapter in self.zqat_input_scale:
-            x = x * self.zqat_input_scale[adapter].to(x.dtype)
+        x = self.smoothed_input(x, adapter)
         if not self.fake_quant:
             if self.is_packed(adapter):
                 raise RuntimeError("A packed layer has no full-precision weight to run with fake_quant=False.")
@@ -267,10 +292,12 @@ class ZQATLinear(nn.Module, ZQATLayer):
     @torch.no_grad()
     def merged_weight(self, adapter_name: str) -> torch.Tensor:
         """The plain Linear weight with this layer's function, float32 [out, in]: the quantized weight with
-        the input scale (1/s) folded into its columns."""
+        the input scale (1/s) folded into its columns and the online Hadamard undone (times H^T)."""
         weight = self.quantized_weight(adapter_name, dtype=torch.float32)
         if adapter_name in self.zqat_input_scale:
             weight = weight * self.zqat_input_scale[adapter_name].float()
+        if adapter_name in self.zqat_input_hadamard:  # x H diag(1/s) Q^T = x (Q diag(1/s) H^T)^T
+            weight = self.zqat_input_hadamard[adapter_name](weight.double(), transpose=True).float()
         return weight
 
     def unmerge(self) -> None:

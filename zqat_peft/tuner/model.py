@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..quant import resolve_group_size
-from ..rotation import rotate_model
+from ..rotation import fuse_down_proj_hadamard, rotate_model
 from .config import ZeroQATConfig
 from .layer import LayerQuantSpec, ZQATLayer, ZQATLinear
 from .registration import PREFIX
@@ -60,6 +60,7 @@ class ZeroQATModel(BaseTuner):
             smooth=config.smooths,
             out_block_heads=block_heads,
             out_query_heads=query_heads,
+            input_hadamard=target.in_features if config.rotates_input(current_key) else 0,
         )
         new_module = ZQATLinear(
             target,
@@ -115,10 +116,25 @@ class ZeroQATModel(BaseTuner):
     def _prepare_model(self, peft_config: ZeroQATConfig, model: nn.Module) -> None:
         if peft_config.rotate:  # before the layers are swapped: the rotation is fused into the float weights
             rotate_model(model, peft_config.rotation_seed)
+            if peft_config.online_hadamard:  # W H now; each down_proj's ZQATLinear applies x H online
+                fuse_down_proj_hadamard(model)
 
     def _post_injection_hook(self, model: nn.Module, config: ZeroQATConfig, adapter_name: str) -> None:
+        if config.rotate and config.online_hadamard:
+            self._check_down_projs_rotate_their_input(config)
         if config.packs_frozen_layers:
             self.pack_frozen_layers(adapter_name)
+
+    def _check_down_projs_rotate_their_input(self, config: ZeroQATConfig) -> None:
+        """A down_proj holding W H computes the model's function only if it multiplies its input by H."""
+        left_out = [name for name, m in self.model.named_modules()
+                    if config.rotates_input(name) and not isinstance(m, ZQATLinear) and isinstance(m, nn.Linear)]
+        if left_out:
+            raise ValueError(
+                f"{len(left_out)} down_proj layers (e.g. {left_out[0]}) are not quantized, but online_hadamard=True "
+                "fused a Hadamard matrix into their weights, which only a ZeroQAT layer undoes online: quantize "
+                "every down_proj (target_modules/exclude_modules) or set online_hadamard=False."
+            )
 
     def zqat_layers(self) -> list[tuple[str, ZQATLinear]]:
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, ZQATLinear)]
