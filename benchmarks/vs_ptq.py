@@ -133,7 +133,8 @@ def main() -> None:
                 row["wiki_ppl"] = perplexity(quantized, windows)
             rows.append(row)
             _save(out, rows)
-            print(f"{setting:10s} {name:18s} wiki_ppl {row['wiki_ppl']:10.2f}  ({row['quantize_seconds']:.0f} s)", flush=True)
+            seconds = row.get("quantize_seconds", row.get("train_seconds"))  # a zeroqat row: its training
+            print(f"{setting:10s} {name:18s} wiki_ppl {row['wiki_ppl']:10.2f}  ({seconds:.0f} s)", flush=True)
     print_table(rows)
 
 
