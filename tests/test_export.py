@@ -238,9 +238,8 @@ def test_quantized_formats_refuse_smoothing_and_merged_folds_it(tmp_path, monkey
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
-def test_gguf_export_loads_in_transformers_gguf_reader(tmp_path):
-    """transformers' GGUF loader (gguf-py's dequantize, llama.cpp's names and q/k permutation undone) reads the
-    file back to our weights within the fp16 bound, with the tokenizer and hyperparameters from its metadata."""
+def _real_tokenizer_and_tiny_llama_config():
+    """SmolLM2's tokenizer (a GGUF export needs a real one) and a 2-layer LLaMA config of its vocabulary."""
     from zqat_peft.data import is_complete, resolve_model_path
 
     if not is_complete("model"):
@@ -249,6 +248,13 @@ def test_gguf_export_loads_in_transformers_gguf_reader(tmp_path):
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=512, tie_word_embeddings=True)
+    return tokenizer, config
+
+
+def test_gguf_export_loads_in_transformers_gguf_reader(tmp_path):
+    """transformers' GGUF loader (gguf-py's dequantize, llama.cpp's names and q/k permutation undone) reads the
+    file back to our weights within the fp16 bound, with the tokenizer and hyperparameters from its metadata."""
+    tokenizer, config = _real_tokenizer_and_tiny_llama_config()
     torch.manual_seed(0)
     model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config).eval(),
                            ZeroQATConfig(w_bits=3, group_size=32, trainable="scales"))
@@ -313,14 +319,7 @@ def test_smollm2_export_loads_with_our_logits(tmp_path, w_bits):
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gguf"])
 def test_cli_exports_a_saved_adapter(tmp_path, capsys, fmt):
     from zqat_peft import cli
-    from zqat_peft.data import is_complete, resolve_model_path
-
-    if not is_complete("model"):
-        pytest.skip("the real model's tokenizer is not fetched (zqat fetch model)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path())
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=True)
+    tokenizer, config = _real_tokenizer_and_tiny_llama_config()
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
