@@ -8,12 +8,13 @@ evaluated by zqat_peft's own perplexity (the whole wiki test split, 512-token wi
   static act-order, min-max observer); ``gptq`` with ``observer=mse``: its MSE-searched ranges.
   W4A4: GPTQ on the per-channel weights, the inputs of every linear layer fake-quantized per token
   in the evaluation, as ZeroQAT does.
-- ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq, ``clipping`` learned (the recipe's
+- ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq (static act-order unless ``natural``; the
+  master weight the ``rounded`` or the ``compensated`` one), ``clipping`` learned (the recipe's
   calib_epochs) or the MSE grid alone (calib_epochs=0); ``rotate``: the residual stream rotated first
   (with an online Hadamard before down_proj unless ``online_hadamard`` is False: ``init-rotate-no-hadamard``).
   Each setting's quantization settings (smoothing, which layers train) are those of its CPU recipe
   (``RECIPES``), with the calibration tokens above instead of the recipe's.
-- ``zeroqat``: the ``init-gptq`` (or ``init-rotate-gptq``) model, then the training of the setting's CPU
+- ``zeroqat``: the ``init-gptq`` (``init-gptq-compensated``, ``init-rotate-gptq``) model, then the training of the setting's CPU
   recipe (``--train-steps`` to shorten it); the row holds the init's figures too, and both models'
   perplexity on the first ``--other-windows`` test windows of the Lee news and Austen corpora, text the
   recipe never trains on.
@@ -63,23 +64,28 @@ RECIPES = {
     "W4A4": ("recipes/smollm2_w4a4_cpu.yaml", []),
 }
 # name -> the row's fixed keys
+GPTQ = {"rounding": "gptq", "act_order": True}  # our GPTQ rounding, static act-order (as llm-compressor's)
 METHODS = {
     "rtn": {"method": "rtn"},
     "gptq": {"method": "gptq", "observer": "minmax"},
     "gptq-mse": {"method": "gptq", "observer": "mse"},
     "init": {"method": "init", "rounding": "nearest", "clipping": "learned"},
-    "init-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned"},
-    "init-gptq-msegrid": {"method": "init", "rounding": "gptq", "clipping": "mse-grid"},
+    "init-gptq": {"method": "init", **GPTQ, "clipping": "learned"},
+    "init-gptq-natural": {"method": "init", "rounding": "gptq", "act_order": False, "clipping": "learned"},
+    "init-gptq-msegrid": {"method": "init", **GPTQ, "clipping": "mse-grid"},
+    "init-gptq-compensated": {"method": "init", **GPTQ, "clipping": "learned", "gptq_master": "compensated"},
     "init-rotate": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True,
                     "online_hadamard": True},
     "init-rotate-no-hadamard": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True,
                                 "online_hadamard": False},
-    "init-rotate-gptq": {"method": "init", "rounding": "gptq", "clipping": "learned", "rotate": True,
-                         "online_hadamard": True},
-    "zeroqat": {"method": "zeroqat", "rounding": "gptq", "clipping": "learned"},
-    "zeroqat-rotate": {"method": "zeroqat", "rounding": "gptq", "clipping": "learned", "rotate": True,
-                       "online_hadamard": True},
+    "init-rotate-gptq": {"method": "init", **GPTQ, "clipping": "learned", "rotate": True, "online_hadamard": True},
+    # zeroqat rows start from the init row of the same keys (ZEROQAT_INIT)
+    "zeroqat": {"method": "zeroqat", **GPTQ, "clipping": "learned"},
+    "zeroqat-compensated": {"method": "zeroqat", **GPTQ, "clipping": "learned", "gptq_master": "compensated"},
+    "zeroqat-rotate": {"method": "zeroqat", **GPTQ, "clipping": "learned", "rotate": True, "online_hadamard": True},
 }
+ZEROQAT_INIT = {"zeroqat": "init-gptq", "zeroqat-compensated": "init-gptq-compensated",
+                "zeroqat-rotate": "init-rotate-gptq"}
 OTHER_CORPORA = ("lee", "austen")
 
 
@@ -139,8 +145,8 @@ def main() -> None:
 
 
 def _same_row(a: dict, b: dict) -> bool:
-    keys = ("setting", "method", "observer", "rounding", "clipping", "rotate", "online_hadamard", "windows",
-            "calib_tokens", "train_steps")
+    keys = ("setting", "method", "observer", "rounding", "act_order", "clipping", "gptq_master", "rotate",
+            "online_hadamard", "windows", "calib_tokens", "train_steps")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -159,7 +165,8 @@ def build(args, setting: str, name: str, calib: list[torch.Tensor]) -> nn.Module
         return llmc_gptq(args, model, settings, method["observer"], calib)
     if method["method"] == "rtn":
         return get_peft_model(model, ZeroQATConfig(trainable="scales", **settings))
-    changes = dict(init="calibrate", rounding=method["rounding"], rotate=method.get("rotate", False),
+    changes = dict(init="calibrate", rounding=method["rounding"], gptq_act_order=method.get("act_order", False),
+                   gptq_master=method.get("gptq_master", "rounded"), rotate=method.get("rotate", False),
                    online_hadamard=method.get("online_hadamard", True))
     if method["clipping"] == "mse-grid":
         changes["calib_epochs"] = 0
@@ -179,7 +186,7 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
     if recipe["train"]["loss"] == "distill":
         pipeline.add_teacher(fp, recipe, data)
     del fp
-    init_name = "init-rotate-gptq" if METHODS[name].get("rotate") else "init-gptq"
+    init_name = ZEROQAT_INIT[name]
     saved = Path(args.models) / f"{setting}_{init_name}"
     if saved.exists():  # the init row's model: the same calibration tokens, no second calibration
         model, _ = pipeline.load_adapter(recipe, saved, "cpu", trainable=True)
@@ -230,7 +237,8 @@ def _save(path: Path, rows: list[dict]) -> None:
 def print_table(rows: list[dict]) -> None:
     print("| setting | method | variant | wiki_ppl | seconds |\n|---|---|---|---|---|")
     for r in rows:
-        shown = ("observer", "rounding", "clipping", "rotate", "online_hadamard", "train_steps")
+        shown = ("observer", "rounding", "act_order", "clipping", "gptq_master", "rotate", "online_hadamard",
+                 "train_steps")
         variant = ", ".join(f"{k}={r[k]}" for k in shown if k in r)
         seconds = r.get("quantize_seconds", r.get("train_seconds"))
         print(f"| {r['setting']} | {r['method']} | {variant} | {r['wiki_ppl']:.2f} | {seconds:.0f} |")

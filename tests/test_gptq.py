@@ -38,7 +38,7 @@ def test_gptq_lowers_the_output_error_against_round_to_nearest(bits, symmetric):
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     scale, zero = weight_qparams(weight, bits, 32, symmetric)
     rtn = dequantize_weight(quantize_weight(weight, scale, zero, bits), scale, zero)
-    codes, reported = gptq_round(weight, _hessian(x), scale, zero, bits, symmetric, block_size=48)
+    codes, _, reported = gptq_round(weight, _hessian(x), scale, zero, bits, symmetric, block_size=48)
     gptq = dequantize_weight(codes, scale, zero)
     assert _output_error(x, weight, gptq) < 0.8 * _output_error(x, weight, rtn)
     # the reported error is the per-token output error of the codes it returns
@@ -51,7 +51,7 @@ def test_codes_lie_on_the_grid_and_the_range_is_kept():
     clip = torch.full((32, 4), 1.5)  # clipped to sigmoid(1.5) = 0.82 of the range
     for bits, symmetric in [(2, False), (3, False), (3, True)]:
         scale, zero = weight_qparams(weight, bits, 32, symmetric, clip, clip)
-        codes, _ = gptq_round(weight, _hessian(x), scale, zero, bits, symmetric)
+        codes = gptq_round(weight, _hessian(x), scale, zero, bits, symmetric).codes
         lo, hi = code_range(bits, symmetric)
         assert codes.dtype == torch.uint8 and codes.min() >= lo and codes.max() <= hi
         # A master weight set to the rounding re-derives the same grid and codes without clipping.
@@ -64,8 +64,43 @@ def test_an_identity_hessian_gives_round_to_nearest():
     """Uncorrelated inputs of equal power leave nothing to compensate: GPTQ is then plain rounding."""
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
     scale, zero = weight_qparams(weight, 3, 32, False)
-    codes, _ = gptq_round(weight, torch.eye(64), scale, zero, 3, keep_range=False)
+    codes = gptq_round(weight, torch.eye(64), scale, zero, 3, keep_range=False).codes
     assert torch.equal(codes, quantize_weight(weight, scale, zero, 3))
+
+
+def _rising_power_inputs(n: int, dim: int) -> torch.Tensor:
+    """Correlated tokens whose features grow in power along the columns: in natural order the costliest
+    columns come last, with no column left to take up their error."""
+    return _correlated_inputs(n, dim, seed=5) * torch.logspace(-1, 1, dim)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_act_order_rounds_the_costly_columns_first(bits):
+    x = _rising_power_inputs(2048, 128)
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(6))
+    scale, zero = weight_qparams(weight, bits, 32, False)
+    natural = gptq_round(weight, _hessian(x), scale, zero, bits)
+    ordered = gptq_round(weight, _hessian(x), scale, zero, bits, act_order=True)
+    assert ordered.output_error < 0.8 * natural.output_error
+    # each column stays in its own group: the codes dequantize on the given grid, in the weight's layout
+    gptq = dequantize_weight(ordered.codes, scale, zero)
+    assert ordered.output_error == pytest.approx(_output_error(x, weight, gptq) / x.shape[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_compensated_weight_rounds_to_the_codes_off_the_grid_points(act_order):
+    x = _correlated_inputs(1024, 128, seed=7)
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(8))
+    clip = torch.full((32, 4), 1.5)
+    scale, zero = weight_qparams(weight, 3, 32, False, clip, clip)
+    result = gptq_round(weight, _hessian(x), scale, zero, 3, act_order=act_order)
+    # it re-derives the clipped grid of the weight, and on it GPTQ's codes
+    rederived = weight_qparams(result.compensated, 3, 32, False, clip, clip)
+    torch.testing.assert_close(rederived[0], scale, rtol=0, atol=0)
+    assert (quantize_weight(result.compensated, *rederived, 3) == result.codes).float().mean() > 0.999
+    # ... and it is not the rounded weight: on average a quarter of a step from the grid points
+    offset = (result.compensated - dequantize_weight(result.codes, scale, zero)).abs()
+    assert (offset / scale.repeat_interleave(32, dim=1)).mean() > 0.15
 
 
 def test_hessian_is_the_running_mean_of_two_x_xt():
@@ -125,6 +160,21 @@ def test_trained_masters_start_from_the_gptq_rounding(batches):
     assert gptq_logits_err < _logit_error(_calibrated(batches, "nearest", trainable="full"), batches)
 
 
+def test_a_compensated_master_gives_the_rounded_masters_codes_off_the_grid(batches):
+    rounded = _calibrated(batches, "gptq", trainable="full")
+    compensated = _calibrated(batches, "gptq", trainable="full", gptq_master="compensated")
+    pairs = list(zip(*[[(n, m) for n, m in model.named_modules() if isinstance(m, ZQATLinear)]
+                       for model in (rounded, compensated)]))
+    for (name, a), (_, b) in pairs:
+        master = b.zqat_weight["default"].detach()
+        assert (b.zqat_clip_lower["default"] < 20.0).any()  # the learned clipping is kept
+        assert (b.quantized_weight("default") - master).abs().mean() > 0.1 * master.abs().mean()  # off the grid
+        if ".layers.0." in name:
+            # the first block sees the same inputs either way: the same codes on the same grid. (Later blocks
+            # get inputs equal to float rounding, which can tip a GPTQ decision and everything after it.)
+            torch.testing.assert_close(b.quantized_weight("default"), a.zqat_weight["default"], rtol=0, atol=1e-6)
+
+
 def test_packed_codes_are_the_gptq_codes_and_survive_save_reload_and_merge(tmp_path, batches):
     trained_master = _calibrated(batches, "gptq", trainable="full")
     packed = _calibrated(batches, "gptq", trainable="scales")
@@ -148,3 +198,5 @@ def test_gptq_rounding_needs_calibration():
         ZeroQATConfig(rounding="gptq")
     with pytest.raises(ValueError, match="rounding must be one of"):
         ZeroQATConfig(init="calibrate", rounding="stochastic")
+    with pytest.raises(ValueError, match="gptq_master must be one of"):
+        ZeroQATConfig(init="calibrate", rounding="gptq", gptq_master="float")

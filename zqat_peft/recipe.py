@@ -34,7 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANT_KEYS = (
     "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
     "trainable_modules", "init", "smooth", "calib_epochs", "calib_lr", "calib_smooth_lr", "calib_alpha",
-    "rounding", "gptq_damp", "gptq_block_size", "rotate", "rotation_seed",
+    "rounding", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_master", "rotate", "rotation_seed",
     "online_hadamard",
 )
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")

@@ -17,6 +17,7 @@ function of tensors; walking a model's blocks is `zqat_peft.calibration.rounding
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,6 +50,23 @@ def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return (1 if symmetric else 0), 2**bits - 1
 
 
+class GPTQRounding(NamedTuple):
+    """What `gptq_round` gives.
+
+    codes: uint8 [out, in], in `code_range`.
+    compensated: float32 [out, in], a weight that rounds to ``codes`` on the grid: each column as GPTQ
+        rounded it, i.e. after the compensation of the columns before it, kept within its group's
+        ``[min, max]`` (and, with ``keep_range``, the group's extremes at their own values), so that it
+        re-derives the same grid. A master weight set to it starts where GPTQ ends, off the grid points.
+    output_error: the squared output error per token summed over outputs,
+        ``tr((W - Q) H (W - Q)^T) / 2`` with the undamped H.
+    """
+
+    codes: Tensor
+    compensated: Tensor
+    output_error: float
+
+
 def gptq_round(
     weight: Tensor,
     hessian: Tensor,
@@ -59,7 +77,8 @@ def gptq_round(
     block_size: int = 128,
     damp: float = 0.01,
     keep_range: bool = True,
-) -> tuple[Tensor, float]:
+    act_order: bool = False,
+) -> GPTQRounding:
     """GPTQ codes for ``weight`` on the grid ``(scale, zero)``.
 
     Args:
@@ -77,10 +96,10 @@ def gptq_round(
             them (the ends of the clipped range), so that the quantized group still spans the whole grid: a
             master weight set to ``dequantize(codes)`` then re-derives the same ``scale`` and ``zero`` (and the
             same codes) when it is fake-quantized. Their rounding error is compensated like any other.
+        act_order: visit the columns in decreasing ``diag(H)`` order, each in its own group (see above).
 
     Returns:
-        ``(codes, output_error)``: codes uint8 [out, in] in `code_range`; ``output_error`` the squared
-        output error per token summed over outputs, ``tr((W - Q) H (W - Q)^T) / 2`` with the undamped H.
+        `GPTQRounding`: the codes, the compensated weight, the output error.
 
     Raises:
         ValueError: shapes disagree, or H is not positive definite even after dampening.
@@ -104,21 +123,46 @@ def gptq_round(
     dead = h.diagonal() == 0  # inputs that are always zero: their weights never matter
     h.diagonal()[dead] = 1.0
     work[:, dead] = 0.0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    if order is not None:  # round in this order: permute the columns, round, permute back
+        work, h, col_scale, col_zero = work[:, order], h[order][:, order], col_scale[:, order], col_zero[:, order]
+        pins = (pins[0][:, order], pins[1][:, order]) if pins is not None else None
     u = _inverse_cholesky_upper(h, damp)
 
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=weight.device)
+    compensated = torch.empty_like(work)
     with _one_cpu_thread():
-        _round_columns(work, u, col_scale, col_zero, pins, lo, hi, block_size, codes)
+        _round_columns(work, u, col_scale, col_zero, pins, lo, hi, block_size, codes, compensated)
+    if order is not None:
+        inverse = torch.argsort(order)
+        codes, compensated, col_scale, col_zero = (
+            t[:, inverse] for t in (codes, compensated, col_scale, col_zero))
+    compensated = _within_group_range(compensated, weight.float(), group_size, keep_range)
 
     diff = weight.float() - (codes.float() - col_zero) * col_scale
     output_error = ((diff @ hessian.float()) * diff).sum().item() / 2
-    return codes, output_error
+    return GPTQRounding(codes, compensated, output_error)
+
+
+def _within_group_range(compensated: Tensor, weight: Tensor, group_size: int, keep_extremes: bool) -> Tensor:
+    """``compensated`` clamped to each group's ``[min, max]`` of ``weight`` (a value beyond the range has the
+    end's code anyway), and with ``keep_extremes`` the extremes set back to ``weight``'s own values (their
+    codes are round-to-nearest's, see `_range_pins`): then the result spans exactly the weight's range."""
+    out_features, in_features = weight.shape
+    groups = weight.reshape(out_features, -1, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    result = torch.minimum(torch.maximum(compensated.reshape_as(groups), low), high)
+    if keep_extremes:
+        for extreme in (groups.argmin(dim=-1, keepdim=True), groups.argmax(dim=-1, keepdim=True)):
+            result.scatter_(-1, extreme, groups.gather(-1, extreme))
+    return result.reshape(out_features, in_features)
 
 
 def _round_columns(work: Tensor, u: Tensor, col_scale: Tensor, col_zero: Tensor, pins, lo: int, hi: int,
-                   block_size: int, codes: Tensor) -> None:
+                   block_size: int, codes: Tensor, compensated: Tensor) -> None:
     """GPTQ's column loop: rounds ``work`` [out, in] column by column into ``codes``, spreading each
-    column's error over the columns after it (``work`` is updated in place)."""
+    column's error over the columns after it (``work`` is updated in place); each column's value at
+    its rounding goes to ``compensated``."""
     in_features = work.shape[1]
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
@@ -126,6 +170,7 @@ def _round_columns(work: Tensor, u: Tensor, col_scale: Tensor, col_zero: Tensor,
         scaled_errors = torch.empty_like(block)
         for j in range(end - start):
             col = start + j
+            compensated[:, col] = block[:, j]
             code = (torch.round(block[:, j] / col_scale[:, col]) + col_zero[:, col]).clamp(lo, hi)
             if pins is not None:
                 code = torch.where(pins[0][:, col], pins[1][:, col], code)

@@ -4,9 +4,10 @@ Layers that read the same tensor (q/k/v; gate/up) are rounded together, in the o
 them, and each set's input statistics are gathered after the sets before it are rounded: a layer's
 Hessian is that of the inputs it will really see (the earlier layers' rounding, activation
 quantization and smoothing included). The grid is the one calibration chose (clipping, smoothing
-folded in); `gptq_round` picks the codes. The rounded weight becomes the layer's master weight with
-clipping off: it lies on the grid and spans it, so fake quantization reproduces it, packing stores its
-codes, and ZO training starts from it.
+folded in); `gptq_round` picks the codes. The layer's master weight becomes either the rounded weight
+(clipping off: it lies on the grid and spans it) or the weight as GPTQ compensated it (clipping kept: it
+rounds to the same codes), so that fake quantization reproduces the codes, packing stores them, and ZO
+training starts from them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import dequantize_weight, fake_quantize_activation, weight_qparams
+from ..quant import dequantize_weight, fake_quantize_activation, quantize_weight, weight_qparams
 from ..tuner.config import ZeroQATConfig
 from ..tuner.layer import CLIP_INIT_LOGIT, ZQATLinear
 from .blocks import BlockInput, run_block
@@ -40,20 +41,38 @@ def gptq_round_block(
 
 
 def round_layer(layer: ZQATLinear, hessian: torch.Tensor, adapter: str, config: ZeroQATConfig) -> float:
-    """Replace the layer's master weight by its GPTQ rounding on the grid its clipping gives."""
+    """Replace the layer's master weight by its GPTQ rounding on the grid its clipping gives.
+
+    ``config.gptq_master`` says which: ``"rounded"``, the dequantized codes (clipping then off: the rounded
+    weight spans the clipped range), or ``"compensated"``, the weight as GPTQ rounded it (clipping kept),
+    which ZO then moves from a point inside each code's interval rather than its centre.
+    """
     spec = layer.zqat_spec[adapter]
     master = layer.zqat_weight[adapter]
     clip_lower, clip_upper = layer.zqat_clip_lower[adapter], layer.zqat_clip_upper[adapter]
     scale, zero = weight_qparams(master, spec.w_bits, spec.group_size, spec.symmetric, clip_lower, clip_upper)
     try:
-        codes, error = gptq_round(master, hessian, scale, zero, spec.w_bits, spec.symmetric,
-                                  config.gptq_block_size, config.gptq_damp)
+        result = gptq_round(master, hessian, scale, zero, spec.w_bits, spec.symmetric,
+                            config.gptq_block_size, config.gptq_damp, act_order=config.gptq_act_order)
     except ValueError as e:
         raise ValueError(f"GPTQ rounding of a {layer.out_features}x{layer.in_features} layer failed: {e}") from e
-    master.data.copy_(dequantize_weight(codes, scale, zero, dtype=master.dtype))
-    clip_lower.data.fill_(CLIP_INIT_LOGIT)  # the rounded weight spans exactly the clipped range
-    clip_upper.data.fill_(CLIP_INIT_LOGIT)
-    return error
+    rounded = dequantize_weight(result.codes, scale, zero, dtype=master.dtype)
+    if config.gptq_master == "compensated":
+        master.data.copy_(_on_codes(result.compensated.to(master.dtype), rounded, result.codes, spec,
+                                    clip_lower, clip_upper))
+    else:
+        master.data.copy_(rounded)
+        clip_lower.data.fill_(CLIP_INIT_LOGIT)  # the rounded weight spans exactly the clipped range
+        clip_upper.data.fill_(CLIP_INIT_LOGIT)
+    return result.output_error
+
+
+def _on_codes(compensated: torch.Tensor, rounded: torch.Tensor, codes: torch.Tensor, spec, clip_lower, clip_upper):
+    """``compensated``, except where the layer's own quantizer would not give it GPTQ's code (a value on a
+    rounding boundary, or a grid that float rounding re-derives differently): there the rounded weight."""
+    scale, zero = weight_qparams(compensated, spec.w_bits, spec.group_size, spec.symmetric, clip_lower, clip_upper)
+    agrees = quantize_weight(compensated, scale, zero, spec.w_bits) == codes
+    return torch.where(agrees, compensated, rounded)
 
 
 def layers_by_input(block: nn.Module, layers: list[ZQATLinear], inp: BlockInput, dtype: torch.dtype) -> list[list[ZQATLinear]]:

@@ -13,6 +13,7 @@ from .registration import zqat_peft_type
 TRAINABLE_MODES = ("full", "lightweight", "scales")
 INIT_MODES = ("rtn", "calibrate")
 ROUNDING_MODES = ("nearest", "gptq")
+GPTQ_MASTERS = ("rounded", "compensated")
 
 
 @dataclass
@@ -105,6 +106,16 @@ class ZeroQATConfig(PeftConfig):
         default=0.01, metadata={"help": "GPTQ dampening: fraction of the mean Hessian diagonal added to it."}
     )
     gptq_block_size: int = field(default=128, metadata={"help": "GPTQ: columns per block of deferred updates."})
+    gptq_act_order: bool = field(
+        default=True,
+        metadata={"help": "GPTQ: round the columns in decreasing order of input power, each keeping its own group "
+                          "(static act-order: exports and packing unchanged)."},
+    )
+    gptq_master: Literal["rounded", "compensated"] = field(
+        default="rounded",
+        metadata={"help": "GPTQ: the master weight ZO trains starts as the rounded weight ('rounded', on the grid "
+                          "points) or as GPTQ's error-compensated weight ('compensated', the same codes, off them)."},
+    )
     rotate: bool = field(
         default=False,
         metadata={"help": "Rotate the residual stream (QuaRot-style, zqat_peft.rotation) before quantizing: "
@@ -143,6 +154,8 @@ class ZeroQATConfig(PeftConfig):
             raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}.")
         if self.rounding == "gptq" and self.init != "calibrate":
             raise ValueError("rounding='gptq' rounds on calibration inputs: it needs init='calibrate'.")
+        if self.gptq_master not in GPTQ_MASTERS:
+            raise ValueError(f"gptq_master must be one of {GPTQ_MASTERS}, got {self.gptq_master!r}.")
         if self.gptq_damp < 0 or self.gptq_block_size < 1:
             raise ValueError(f"gptq_damp must be >= 0 and gptq_block_size >= 1, got {self.gptq_damp} and "
                              f"{self.gptq_block_size}.")
