@@ -10,11 +10,13 @@ evaluated by zqat_peft's own perplexity (the whole wiki test split, 512-token wi
   in the evaluation, as ZeroQAT does.
 - ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq (static act-order unless ``natural``; the
   master weight the ``rounded`` or the ``compensated`` one), ``clipping`` learned (the recipe's
-  calib_epochs) or the MSE grid alone (calib_epochs=0); ``rotate``: the residual stream rotated first
+  calib_epochs) or, with GPTQ, a grid search by input-weighted error alone (calib_epochs=0,
+  zqat_peft.calibration.clipping; rows with ``mse-grid`` were measured when that search weighed every input
+  alike); ``rotate``: the residual stream rotated first
   (with an online Hadamard before down_proj unless ``online_hadamard`` is False: ``init-rotate-no-hadamard``).
   Each setting's quantization settings (smoothing, which layers train) are those of its CPU recipe
   (``RECIPES``), with the calibration tokens above instead of the recipe's.
-- ``zeroqat``: the ``init-gptq`` (``init-gptq-compensated``, ``init-rotate-gptq``) model, then the training of the setting's CPU
+- ``zeroqat-X``: the ``init-X`` model (each init row with GPTQ rounding has one), then the training of the setting's CPU
   recipe (``--train-steps`` to shorten it); the row holds the init's figures too, and both models'
   perplexity on the first ``--other-windows`` test windows of the Lee news and Austen corpora, text the
   recipe never trains on.
@@ -72,20 +74,21 @@ METHODS = {
     "init": {"method": "init", "rounding": "nearest", "clipping": "learned"},
     "init-gptq": {"method": "init", **GPTQ, "clipping": "learned"},
     "init-gptq-natural": {"method": "init", "rounding": "gptq", "act_order": False, "clipping": "learned"},
-    "init-gptq-msegrid": {"method": "init", **GPTQ, "clipping": "mse-grid"},
     "init-gptq-compensated": {"method": "init", **GPTQ, "clipping": "learned", "gptq_master": "compensated"},
+    "init-gptq-grid": {"method": "init", **GPTQ, "clipping": "input-grid"},
+    "init-gptq-grid-natural": {"method": "init", "rounding": "gptq", "act_order": False, "clipping": "input-grid"},
+    "init-gptq-grid-compensated": {"method": "init", **GPTQ, "clipping": "input-grid", "gptq_master": "compensated"},
     "init-rotate": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True,
                     "online_hadamard": True},
     "init-rotate-no-hadamard": {"method": "init", "rounding": "nearest", "clipping": "learned", "rotate": True,
                                 "online_hadamard": False},
     "init-rotate-gptq": {"method": "init", **GPTQ, "clipping": "learned", "rotate": True, "online_hadamard": True},
-    # zeroqat rows start from the init row of the same keys (ZEROQAT_INIT)
-    "zeroqat": {"method": "zeroqat", **GPTQ, "clipping": "learned"},
-    "zeroqat-compensated": {"method": "zeroqat", **GPTQ, "clipping": "learned", "gptq_master": "compensated"},
-    "zeroqat-rotate": {"method": "zeroqat", **GPTQ, "clipping": "learned", "rotate": True, "online_hadamard": True},
+    "init-rotate-gptq-grid": {"method": "init", **GPTQ, "clipping": "input-grid", "rotate": True,
+                                 "online_hadamard": True},
 }
-ZEROQAT_INIT = {"zeroqat": "init-gptq", "zeroqat-compensated": "init-gptq-compensated",
-                "zeroqat-rotate": "init-rotate-gptq"}
+# a zeroqat row per GPTQ init row: "zeroqat-gptq-grid" trains the "init-gptq-grid" model
+ZEROQAT_INIT = {f"zeroqat-{name[len('init-'):]}": name for name, keys in METHODS.items() if keys.get("rounding") == "gptq"}
+METHODS.update({name: {**METHODS[init], "method": "zeroqat"} for name, init in ZEROQAT_INIT.items()})
 OTHER_CORPORA = ("lee", "austen")
 
 
@@ -168,7 +171,7 @@ def build(args, setting: str, name: str, calib: list[torch.Tensor]) -> nn.Module
     changes = dict(init="calibrate", rounding=method["rounding"], gptq_act_order=method.get("act_order", False),
                    gptq_master=method.get("gptq_master", "rounded"), rotate=method.get("rotate", False),
                    online_hadamard=method.get("online_hadamard", True))
-    if method["clipping"] == "mse-grid":
+    if method["clipping"] == "input-grid":
         changes["calib_epochs"] = 0
     config = ZeroQATConfig(**{**quant, **changes})
     return zqat_peft.calibrate(get_peft_model(model, config), calib, progress=False)

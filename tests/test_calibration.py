@@ -80,7 +80,7 @@ def _opt_with_projections():
 
 
 def test_calibration_packs_frozen_layers_outside_the_blocks(batches, tmp_path):
-    from zqat_peft.calibration.calibrate import init_clipping
+    from zqat_peft.calibration.clipping import init_clipping
 
     settings = dict(w_bits=2, group_size=32, trainable="lightweight", init="calibrate", calib_epochs=1)
     model = get_peft_model(_opt_with_projections(), ZeroQATConfig(**settings))

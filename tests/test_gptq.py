@@ -200,3 +200,43 @@ def test_gptq_rounding_needs_calibration():
         ZeroQATConfig(init="calibrate", rounding="stochastic")
     with pytest.raises(ValueError, match="gptq_master must be one of"):
         ZeroQATConfig(init="calibrate", rounding="gptq", gptq_master="float")
+
+
+def test_the_grid_search_weighs_each_column_by_its_input_power():
+    from zqat_peft.calibration.clipping import init_clipping
+
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=2, group_size=32))
+    layer = next(m for m in model.modules() if isinstance(m, ZQATLinear))
+    weight = layer.zqat_weight["default"]
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(9)))
+        weight[:, 0] = 8.0  # an outlier column at the top of every first group's range
+    power = torch.ones(weight.shape[1])
+    power[0] = 1e4  # whose input is large: its error costs the most
+
+    def first_group_error(input_power):
+        init_clipping(layer, "default", input_power=input_power)
+        err = (layer.quantized_weight("default") - weight).detach().pow(2)[:, :32]
+        return (err * power[:32]).sum().item(), layer.zqat_clip_lower["default"][:, 0].clone()
+
+    plain_error, plain_clip = first_group_error(None)
+    weighted_error, weighted_clip = first_group_error(power)
+    assert weighted_error < 0.5 * plain_error
+    # less clipping: the outlier keeps its value
+    assert (weighted_clip >= plain_clip).all() and (weighted_clip > plain_clip).any()
+
+
+@pytest.mark.parametrize("epochs,searched", [(0, True), (1, False)])
+def test_gptq_rounding_searches_the_grid_with_the_hessian_only_without_learned_clipping(batches, monkeypatch,
+                                                                                         epochs, searched):
+    import zqat_peft.calibration.rounding as rounding
+
+    calls = []
+    real = rounding.init_clipping
+    monkeypatch.setattr(rounding, "init_clipping", lambda layer, adapter, input_power=None: (
+        calls.append(input_power), real(layer, adapter, input_power=input_power)))
+    config = ZeroQATConfig(init="calibrate", rounding="gptq", calib_epochs=epochs, w_bits=3, group_size=32)
+    model = calibrate(get_peft_model(tiny_model(), config), batches, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, ZQATLinear)]
+    assert len(calls) == (len(layers) if searched else 0)
+    assert all(p is not None and p.shape == (layer.in_features,) for p, layer in zip(calls, layers))

@@ -5,7 +5,8 @@ quantized model is the target; the clipping logits of its layers (and, with acti
 quantization, a smoothing scale s per group of layers that share an input, initialised
 SmoothQuant-style from activation maxima) are trained with Adam to minimise the MSE between the
 quantized block's output and that target. Then s is folded into the master weights, with
-``rounding="gptq"`` each layer is rounded by GPTQ on that grid (`rounding.py`), frozen layers are packed,
+``rounding="gptq"`` each layer is rounded by GPTQ on that grid (`rounding.py`; with ``calib_epochs=0`` on the
+grid searched by input-weighted error, `clipping.py`), frozen layers are packed,
 and the quantized block's outputs become the next block's inputs. Peak memory is one block plus the
 cached hidden states of the calibration set. Targeted layers outside the blocks (OPT's project_in /
 project_out) get the clipping grid's best start only, and are packed if frozen, so a calibrated model
@@ -15,24 +16,17 @@ holds no frozen float layer.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quant import fake_quantize_weight
 from ..tuner.config import ZeroQATConfig
-from ..tuner.layer import CLIP_INIT_LOGIT, ZQATLinear
+from ..tuner.layer import ZQATLinear
 from .blocks import BlockInput, capture_first_block_inputs, find_decoder_blocks, move_input, run_block
+from .clipping import init_clipping
 from .rounding import gptq_round_block
-
-# Clipping starts at the per-group factor (from this grid) that minimises the weight's quantization
-# MSE, then the block's output MSE refines it; at 2 bits the grid alone takes the model from ruined
-# to usable, a bare OmniQuant start (0.98) does not.
-CLIP_GRID = torch.linspace(1.0, 0.3, 15)
-
 
 def calibrate(
     model: nn.Module,
@@ -142,29 +136,6 @@ def calibrate_block(
         p.grad = None
     for p, trainable in trainable_state.items():
         p.requires_grad_(trainable)
-
-
-@torch.no_grad()
-def init_clipping(layer: ZQATLinear, adapter: str) -> None:
-    """Set each group's clipping factor to the grid value with the least weight quantization MSE."""
-    spec = layer.zqat_spec[adapter]
-    weight = layer.zqat_weight[adapter].float()
-    out, n_groups = layer.zqat_clip_lower[adapter].shape
-    best_err = torch.full((out, n_groups), float("inf"), device=weight.device)
-    best_logit = torch.zeros(out, n_groups, device=weight.device)
-    for ratio in CLIP_GRID.tolist():
-        logit = torch.full((out, n_groups), _logit(ratio), device=weight.device)
-        fq = fake_quantize_weight(weight, spec.w_bits, spec.group_size, spec.symmetric, logit, logit)
-        err = (fq - weight).pow(2).reshape(out, n_groups, -1).mean(dim=-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_logit = torch.where(better, logit, best_logit)
-    layer.zqat_clip_lower[adapter].data.copy_(best_logit)
-    layer.zqat_clip_upper[adapter].data.copy_(best_logit)
-
-
-def _logit(ratio: float) -> float:
-    return CLIP_INIT_LOGIT if ratio >= 1.0 else math.log(ratio / (1.0 - ratio))
 
 
 class _SmoothingGroup:

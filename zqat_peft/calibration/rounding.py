@@ -4,7 +4,7 @@ Layers that read the same tensor (q/k/v; gate/up) are rounded together, in the o
 them, and each set's input statistics are gathered after the sets before it are rounded: a layer's
 Hessian is that of the inputs it will really see (the earlier layers' rounding, activation
 quantization and smoothing included). The grid is the one calibration chose (clipping, smoothing
-folded in); `gptq_round` picks the codes. The layer's master weight becomes either the rounded weight
+folded in), or without learned clipping the grid search weighted by each input's power; `gptq_round` picks the codes. The layer's master weight becomes either the rounded weight
 (clipping off: it lies on the grid and spans it) or the weight as GPTQ compensated it (clipping kept: it
 rounds to the same codes), so that fake quantization reproduces the codes, packing stores them, and ZO
 training starts from them.
@@ -19,6 +19,7 @@ from ..quant import dequantize_weight, fake_quantize_activation, quantize_weight
 from ..tuner.config import ZeroQATConfig
 from ..tuner.layer import CLIP_INIT_LOGIT, ZQATLinear
 from .blocks import BlockInput, run_block
+from .clipping import init_clipping
 from .gptq import add_to_hessian, gptq_round
 
 
@@ -48,6 +49,8 @@ def round_layer(layer: ZQATLinear, hessian: torch.Tensor, adapter: str, config: 
     which ZO then moves from a point inside each code's interval rather than its centre.
     """
     spec = layer.zqat_spec[adapter]
+    if config.calib_epochs == 0:  # the grid was not learned: search it again, weighted by the input power
+        init_clipping(layer, adapter, input_power=hessian.diagonal())
     master = layer.zqat_weight[adapter]
     clip_lower, clip_upper = layer.zqat_clip_lower[adapter], layer.zqat_clip_upper[adapter]
     scale, zero = weight_qparams(master, spec.w_bits, spec.group_size, spec.symmetric, clip_lower, clip_upper)
