@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--llmc-python", default=os.environ.get("LLMC_PYTHON"),
                         help="the Python of an environment with llm-compressor (gptq rows)")
     parser.add_argument("--train-steps", type=int, default=None, help="zeroqat rows: fewer steps than the recipe's")
+    parser.add_argument("--recipe-overrides", nargs="*", default=[],
+                        help="key=value changes to the setting's recipe (init and zeroqat rows), e.g. quant.trainable=scales")
     parser.add_argument("--other-windows", type=int, default=64, help="zeroqat rows: Lee and Austen test windows")
     parser.add_argument("--out", default="benchmarks/results/vs_ptq.json")
     parser.add_argument("--models", default="benchmarks/results/vs_ptq_models",
@@ -124,8 +126,10 @@ def main() -> None:
     for setting in args.settings:
         for name in args.methods:
             row = {"setting": setting, **METHODS[name], **common}
+            if args.recipe_overrides:
+                row["recipe_overrides"] = " ".join(args.recipe_overrides)
             if row["method"] == "zeroqat":
-                row["train_steps"] = args.train_steps or load_setting_recipe(setting)["train"]["steps"]
+                row["train_steps"] = args.train_steps or load_setting_recipe(setting, args.recipe_overrides)["train"]["steps"]
             if any(_same_row(r, row) for r in rows):
                 continue
             if row["method"] == "gptq" and not args.llmc_python:
@@ -137,7 +141,7 @@ def main() -> None:
             else:
                 quantized = build(args, setting, name, calib)
                 if row["method"] == "init":
-                    pipeline.save_adapter(quantized, Path(args.models) / f"{setting}_{name}")
+                    pipeline.save_adapter(quantized, saved_model(args, setting, name))
                 row["quantize_seconds"] = round(time.perf_counter() - start, 1)
                 row["wiki_ppl"] = perplexity(quantized, windows)
             rows.append(row)
@@ -149,8 +153,14 @@ def main() -> None:
 
 def _same_row(a: dict, b: dict) -> bool:
     keys = ("setting", "method", "observer", "rounding", "act_order", "clipping", "gptq_master", "rotate",
-            "online_hadamard", "windows", "calib_tokens", "train_steps")
+            "online_hadamard", "windows", "calib_tokens", "train_steps", "recipe_overrides")
     return all(a.get(k) == b.get(k) for k in keys)
+
+
+def saved_model(args, setting: str, init_name: str) -> Path:
+    """Where an init row keeps its adapter (for the zeroqat row of the same settings)."""
+    suffix = "".join(f"_{o.replace('=', '-')}" for o in args.recipe_overrides)
+    return Path(args.models) / f"{setting}_{init_name}{suffix}"
 
 
 def load_setting_recipe(setting: str, overrides: tuple[str, ...] = ()) -> dict:
@@ -160,7 +170,7 @@ def load_setting_recipe(setting: str, overrides: tuple[str, ...] = ()) -> dict:
 
 def build(args, setting: str, name: str, calib: list[torch.Tensor]) -> nn.Module:
     """The quantized model of one row."""
-    quant = load_setting_recipe(setting)["quant"]
+    quant = load_setting_recipe(setting, args.recipe_overrides)["quant"]
     settings = {k: quant[k] for k in ("w_bits", "a_bits", "group_size")}
     method = METHODS[name]
     model, _ = load_model_and_tokenizer(args.model)
@@ -181,16 +191,16 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
     """The figures of a zeroqat row: its init (the matching init row's model), then the recipe's training."""
     steps = []
     if args.train_steps:
-        every = load_setting_recipe(setting)["train"]["eval_steps"]
+        every = load_setting_recipe(setting, args.recipe_overrides)["train"]["eval_steps"]
         steps = [f"train.steps={args.train_steps}", f"train.eval_steps={min(every, args.train_steps)}"]
-    recipe = load_setting_recipe(setting, (f"name=vs_ptq_{setting}_{name}", *steps))
+    recipe = load_setting_recipe(setting, (*args.recipe_overrides, f"name=vs_ptq_{setting}_{name}", *steps))
     fp, tokenizer = load_model_and_tokenizer(args.model)
     data = pipeline.prepare_data(recipe, tokenizer)
     if recipe["train"]["loss"] == "distill":
         pipeline.add_teacher(fp, recipe, data)
     del fp
     init_name = ZEROQAT_INIT[name]
-    saved = Path(args.models) / f"{setting}_{init_name}"
+    saved = saved_model(args, setting, init_name)
     if saved.exists():  # the init row's model: the same calibration tokens, no second calibration
         model, _ = pipeline.load_adapter(recipe, saved, "cpu", trainable=True)
     else:
