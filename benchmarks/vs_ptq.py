@@ -10,7 +10,7 @@ evaluated by zqat_peft's own perplexity (the whole wiki test split, 512-token wi
   in the evaluation, as ZeroQAT does.
 - ``init``: zqat_peft.calibrate, with ``rounding`` nearest or gptq (static act-order unless ``natural``; the
   master weight the ``rounded`` or the ``compensated`` one), ``clipping`` learned (the recipe's
-  calib_epochs) or, with GPTQ, a grid search by input-weighted error alone (calib_epochs=0,
+  clipping epochs, `LEARNED_CLIP_EPOCHS`) or, with GPTQ, a grid search by input-weighted error alone (calib_epochs=0,
   zqat_peft.calibration.clipping; rows with ``mse-grid`` were measured when that search weighed every input
   alike); ``rotate``: the residual stream rotated first
   (with an online Hadamard before down_proj unless ``online_hadamard`` is False: ``init-rotate-no-hadamard``).
@@ -65,6 +65,8 @@ RECIPES = {
     "W4A16g64": ("recipes/smollm2_w3a16g64_cpu.yaml", ["quant.w_bits=4"]),
     "W4A4": ("recipes/smollm2_w4a4_cpu.yaml", []),
 }
+# the epochs of learned clipping of the "learned" rows (the CPU recipes' before GPTQ made them learn none)
+LEARNED_CLIP_EPOCHS = {"W2A16g64": 4, "W3A16g64": 2, "W4A16g64": 2, "W4A4": 2}
 # name -> the row's fixed keys
 GPTQ = {"rounding": "gptq", "act_order": True}  # our GPTQ rounding, static act-order (as llm-compressor's)
 METHODS = {
@@ -181,8 +183,7 @@ def build(args, setting: str, name: str, calib: list[torch.Tensor]) -> nn.Module
     changes = dict(init="calibrate", rounding=method["rounding"], gptq_act_order=method.get("act_order", False),
                    gptq_master=method.get("gptq_master", "rounded"), rotate=method.get("rotate", False),
                    online_hadamard=method.get("online_hadamard", True))
-    if method["clipping"] == "input-grid":
-        changes["calib_epochs"] = 0
+    changes["calib_epochs"] = 0 if method["clipping"] == "input-grid" else LEARNED_CLIP_EPOCHS[setting]
     config = ZeroQATConfig(**{**quant, **changes})
     return zqat_peft.calibrate(get_peft_model(model, config), calib, progress=False)
 
