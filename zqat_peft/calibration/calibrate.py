@@ -60,8 +60,8 @@ def calibrate(
         block.to(device)
         layers = [m for m in block.modules() if isinstance(m, ZQATLinear)]
         dtype = next(block.parameters()).dtype
-        with _full_precision(layers), torch.no_grad():
-            targets = [run_block(block, inp, dtype).float() for inp in inputs]
+        with _full_precision(layers), torch.no_grad():  # the targets of learned clipping: none without epochs
+            targets = [run_block(block, inp, dtype).float() for inp in inputs] if epochs else []
         calibrate_block(block, layers, inputs, targets, adapter, config, epochs, lr, smooth_lr)
         if config.rounding == "gptq":
             gptq_round_block(block, layers, inputs, adapter, config)

@@ -117,6 +117,7 @@ def gptq_round(
     col_zero = zero.float().repeat_interleave(group_size, dim=1)
     lo, hi = code_range(bits, symmetric)
     pins = _range_pins(weight.float(), col_scale, col_zero, group_size, lo, hi) if keep_range else None
+    pinned = pins[0] if pins is not None else None  # in the weight's own column order
 
     work = weight.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -137,25 +138,22 @@ def gptq_round(
         inverse = torch.argsort(order)
         codes, compensated, col_scale, col_zero = (
             t[:, inverse] for t in (codes, compensated, col_scale, col_zero))
-    compensated = _within_group_range(compensated, weight.float(), group_size, keep_range)
+    compensated = _within_group_range(compensated, weight.float(), group_size)
+    if pinned is not None:  # the extremes at their own values (their codes are round-to-nearest's)
+        compensated = torch.where(pinned, weight.float(), compensated)
 
     diff = weight.float() - (codes.float() - col_zero) * col_scale
     output_error = ((diff @ hessian.float()) * diff).sum().item() / 2
     return GPTQRounding(codes, compensated, output_error)
 
 
-def _within_group_range(compensated: Tensor, weight: Tensor, group_size: int, keep_extremes: bool) -> Tensor:
-    """``compensated`` clamped to each group's ``[min, max]`` of ``weight`` (a value beyond the range has the
-    end's code anyway), and with ``keep_extremes`` the extremes set back to ``weight``'s own values (their
-    codes are round-to-nearest's, see `_range_pins`): then the result spans exactly the weight's range."""
+def _within_group_range(compensated: Tensor, weight: Tensor, group_size: int) -> Tensor:
+    """``compensated`` clamped to each group's ``[min, max]`` of ``weight``: a value beyond the range has the
+    end's code anyway, and within it the result re-derives the weight's grid."""
     out_features, in_features = weight.shape
     groups = weight.reshape(out_features, -1, group_size)
     low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-    result = torch.minimum(torch.maximum(compensated.reshape_as(groups), low), high)
-    if keep_extremes:
-        for extreme in (groups.argmin(dim=-1, keepdim=True), groups.argmax(dim=-1, keepdim=True)):
-            result.scatter_(-1, extreme, groups.gather(-1, extreme))
-    return result.reshape(out_features, in_features)
+    return torch.minimum(torch.maximum(compensated.reshape_as(groups), low), high).reshape(out_features, in_features)
 
 
 def _round_columns(work: Tensor, u: Tensor, col_scale: Tensor, col_zero: Tensor, pins, lo: int, hi: int,

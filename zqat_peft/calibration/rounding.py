@@ -4,10 +4,10 @@ Layers that read the same tensor (q/k/v; gate/up) are rounded together, in the o
 them, and each set's input statistics are gathered after the sets before it are rounded: a layer's
 Hessian is that of the inputs it will really see (the earlier layers' rounding, activation
 quantization and smoothing included). The grid is the one calibration chose (clipping, smoothing
-folded in), or without learned clipping the grid search weighted by each input's power; `gptq_round` picks the codes. The layer's master weight becomes either the rounded weight
-(clipping off: it lies on the grid and spans it) or the weight as GPTQ compensated it (clipping kept: it
-rounds to the same codes), so that fake quantization reproduces the codes, packing stores them, and ZO
-training starts from them.
+folded in), or without learned clipping the grid search weighted by each input's power; `gptq_round`
+picks the codes. The layer's master weight becomes either the rounded weight (clipping off: it lies on
+the grid and spans it) or the weight as GPTQ compensated it (clipping kept: it rounds to the same codes),
+so that fake quantization reproduces the codes, packing stores them, and ZO training starts from them.
 """
 
 from __future__ import annotations
