@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--other-windows", type=int, default=64, help="zeroqat rows: Lee and Austen test windows")
     parser.add_argument("--out", default="benchmarks/results/vs_ptq.json")
     parser.add_argument("--models", default="benchmarks/results/vs_ptq_models",
-                        help="where init rows keep their adapters, which zeroqat rows start from")
+                        help="where init and zeroqat rows keep their adapters (zeroqat rows start from the init's)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -159,10 +159,11 @@ def _same_row(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def saved_model(args, setting: str, init_name: str) -> Path:
-    """Where an init row keeps its adapter (for the zeroqat row of the same settings)."""
+def saved_model(args, setting: str, name: str) -> Path:
+    """Where a row keeps its adapter: an init row's for the zeroqat row of the same settings, a zeroqat row's
+    for the paired zero-shot check (benchmarks/zero_shot_paired.py)."""
     suffix = "".join(f"_{o.replace('=', '-')}" for o in args.recipe_overrides)
-    return Path(args.models) / f"{setting}_{init_name}{suffix}"
+    return Path(args.models) / f"{setting}_{name}{suffix}"
 
 
 def load_setting_recipe(setting: str, overrides: tuple[str, ...] = ()) -> dict:
@@ -213,6 +214,7 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
         history = pipeline.train(model, recipe, data, Path(work_dir), "cpu")
     row["train_seconds"] = round(time.perf_counter() - start, 1)
     row.update(pipeline.training_outcome(history))
+    pipeline.save_adapter(model, saved_model(args, setting, name))  # for the paired zero-shot check
     row.update({f"{c}_ppl": perplexity(model, w) for c, w in windows.items()})
     row["lr"], row["step"], row["loss"] = recipe["train"]["lr"], recipe["train"]["step"], recipe["train"]["loss"]
     return row

@@ -327,6 +327,13 @@ def _train_with_held_out_checks(model_dir: Path, work: Path, steps: int, lr: flo
     return model, data, start, {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
 
 
+def test_a_warmup_as_long_as_training_is_refused():
+    # the learning rate would never reach the recipe's lr: the run would train at a fraction of it, silently
+    with pytest.raises(RecipeError, match=r"train.warmup_steps \(200\) is not below train.steps \(200\)"):
+        load_recipe(None, ["train.steps=200", "train.warmup_steps=200"])
+    assert load_recipe(None, ["train.steps=200", "train.warmup_steps=20"])["train"]["warmup_steps"] == 20
+
+
 @needs_model_and_wiki
 def test_eval_steps_keeps_the_checkpoint_with_the_best_held_out_loss(tiny_local_model, tmp_path):
     model, data, _, held_out = _train_with_held_out_checks(tiny_local_model, tmp_path, steps=6, lr=1.0)

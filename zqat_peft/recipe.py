@@ -288,6 +288,10 @@ def check_recipe(recipe: dict) -> None:
         # no check would run during training, and the run would give back the start, untrained
         raise RecipeError(f"train.eval_steps ({t['eval_steps']}) is larger than train.steps ({t['steps']}): "
                           "lower it or set it to null")
+    if t["warmup_steps"] >= t["steps"]:
+        # the learning rate would never reach train.lr: the whole run would train at a fraction of it
+        raise RecipeError(f"train.warmup_steps ({t['warmup_steps']}) is not below train.steps ({t['steps']}): "
+                          "lower it (a warmup is usually a small part of the run)")
     quant_config(recipe)  # ZeroQATConfig checks the quantization settings
     if recipe["start_from"] is not None:
         check_start_from(recipe)
