@@ -4,10 +4,12 @@ sources, an nvcc compile check of the CUDA kernels, and CUDA tests that run wher
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import warnings
 from pathlib import Path
 
@@ -774,3 +776,23 @@ def test_cuda_model_same_bits_with_and_without_kernels(cuda_ext, monkeypatch, mo
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_before_loading(tmp_path, monkeypatch):
+    # torch waits forever for a lock that a killed build left: the first packed forward hung with no message
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build_dir = Path(cpp_extension._get_build_directory("zqat_lock_probe", verbose=False))
+    lock = build_dir / "lock"
+    lock.touch()
+    old = time.time() - 2 * 24 * 3600  # two days
+    os.utime(lock, (old, old))
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **_: seen.append(lock.exists()) or "module")
+    with pytest.warns(RuntimeWarning, match="build lock .* left by a killed build"):
+        assert kernels._load("probe", "zqat_lock_probe", [str(tmp_path / "probe.cpp")]) == "module"
+    assert seen == [False]
+    lock.touch()  # a build in progress (a fresh lock) is waited for, as torch does
+    kernels._load("probe", "zqat_lock_probe", [str(tmp_path / "probe.cpp")])
+    assert seen == [False, True]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -84,6 +85,38 @@ def _host_flags() -> tuple[list[str], list[str]]:
     return cflags, ldflags
 
 
+# torch's JIT build holds a `lock` file in the extension's build folder while it compiles and every other
+# process waits for it to go, forever: a build killed midway (Ctrl-C, a killed job) leaves it behind and
+# hangs every later run at its first packed forward. Our builds take about a minute (CUDA: a few), so a lock
+# older than this is a dead build's.
+STALE_BUILD_LOCK_SECONDS = 1800.0
+
+
+def remove_stale_build_lock(build_dir: Path, max_age_s: float = STALE_BUILD_LOCK_SECONDS) -> bool:
+    """Remove ``build_dir/lock`` if it is older than ``max_age_s`` (left by a killed build), with a warning.
+    Returns whether a lock was removed."""
+    lock = Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    warnings.warn(f"zqat_peft: removing {lock}, a build lock {age / 60:.0f} minutes old left by a killed build "
+                  "(torch would wait for it forever)", RuntimeWarning, stacklevel=3)
+    lock.unlink(missing_ok=True)
+    return True
+
+
+def _build_dir(name: str) -> Optional[Path]:
+    try:  # torch's own choice of folder (TORCH_EXTENSIONS_DIR, or its default root); private, so guarded
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(name, verbose=False))
+    except Exception:
+        return None
+
+
 def _load(what: str, name: str, sources: Optional[list[str]], **kwargs: Any) -> Optional[Any]:
     if sources is None:
         warnings.warn(
@@ -96,6 +129,9 @@ def _load(what: str, name: str, sources: Optional[list[str]], **kwargs: Any) -> 
     try:
         from torch.utils.cpp_extension import load
 
+        build_dir = _build_dir(name)
+        if build_dir is not None:
+            remove_stale_build_lock(build_dir)
         return load(name=name, sources=sources, verbose=False, **kwargs)
     except Exception as err:  # no compiler / ninja / CUDA toolkit, or a build error
         first = str(err).strip().splitlines()
