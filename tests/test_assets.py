@@ -478,34 +478,30 @@ def test_real_assets():
     assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
 
 
-def test_real_gemma3_270m():
-    """Runs on the second registered model once it is fetched (`zqat fetch gemma3-270m`, about 240 MB)."""
-    if not A.is_complete("gemma3-270m"):
-        pytest.skip(f"gemma3-270m not fetched into {A.cache_dir()} (run `zqat fetch gemma3-270m`)")
-    info = json.loads((A.asset_path("gemma3-270m") / A.MARKER).read_text())
-    assert info["gguf_tensor_types"] == {"F32": 109, "Q4_K": 27, "Q5_0": 81, "Q6_K": 9, "Q8_0": 10}
-    model, tok = A.load_model_and_tokenizer("gemma3-270m")
-    assert type(model).__name__ == "Gemma3ForCausalLM"
-    assert sum(p.numel() for p in model.parameters()) == 268_098_176
-    ids = tok("Paris is the capital of France. Berlin is the capital of", return_tensors="pt").input_ids
-    assert ids[0, 0] == tok.bos_token_id  # Gemma is trained with a leading <bos>
-    with torch.no_grad():
-        logits = model(ids).logits
-    assert logits.shape == (1, ids.shape[1], 262_144) and torch.isfinite(logits).all()
-    assert tok.decode(logits[0, -1].argmax()).strip() == "Germany"
+# name, its GGUF's tensor types, class, parameters, vocabulary, prompt, the prompt's next word
+OTHER_MODELS = [
+    ("gemma3-270m", {"F32": 109, "Q4_K": 27, "Q5_0": 81, "Q6_K": 9, "Q8_0": 10}, "Gemma3ForCausalLM", 268_098_176,
+     262_144, "Paris is the capital of France. Berlin is the capital of", "Germany"),
+    # 630M: its output matrix is not tied to the embeddings
+    ("qwen2.5-coder-0.5b", {"F32": 121, "Q4_K": 12, "Q5_0": 133, "Q6_K": 12, "Q8_0": 13}, "Qwen2ForCausalLM",
+     630_167_424, 151_936, "The capital of France is", "Paris"),
+]
 
 
-def test_real_qwen2_5_coder_0_5b():
-    """Runs on the third registered model once it is fetched (`zqat fetch qwen2.5-coder-0.5b`, about 480 MB)."""
-    if not A.is_complete("qwen2.5-coder-0.5b"):
-        pytest.skip(f"qwen2.5-coder-0.5b not fetched into {A.cache_dir()} (run `zqat fetch qwen2.5-coder-0.5b`)")
-    info = json.loads((A.asset_path("qwen2.5-coder-0.5b") / A.MARKER).read_text())
-    assert info["gguf_tensor_types"] == {"F32": 121, "Q4_K": 12, "Q5_0": 133, "Q6_K": 12, "Q8_0": 13}
-    model, tok = A.load_model_and_tokenizer("qwen2.5-coder-0.5b")
-    assert type(model).__name__ == "Qwen2ForCausalLM"
-    assert sum(p.numel() for p in model.parameters()) == 630_167_424  # the output matrix is not tied
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
+@pytest.mark.parametrize(("name", "types", "cls", "params", "vocab", "prompt", "word"), OTHER_MODELS)
+def test_real_other_models(name, types, cls, params, vocab, prompt, word):
+    """Runs on each other registered model once it is fetched (`zqat fetch NAME`, 240-480 MB)."""
+    if not A.is_complete(name):
+        pytest.skip(f"{name} not fetched into {A.cache_dir()} (run `zqat fetch {name}`)")
+    info = json.loads((A.asset_path(name) / A.MARKER).read_text())
+    assert info["gguf_tensor_types"] == types
+    model, tok = A.load_model_and_tokenizer(name)
+    assert type(model).__name__ == cls
+    assert sum(p.numel() for p in model.parameters()) == params
+    ids = tok(prompt, return_tensors="pt").input_ids
+    if name.startswith("gemma"):
+        assert ids[0, 0] == tok.bos_token_id  # Gemma is trained with a leading <bos>
     with torch.no_grad():
         logits = model(ids).logits
-    assert logits.shape[-1] == 151_936 and torch.isfinite(logits).all()
-    assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
+    assert logits.shape == (1, ids.shape[1], vocab) and torch.isfinite(logits).all()
+    assert tok.decode(logits[0, -1].argmax()).strip() == word
