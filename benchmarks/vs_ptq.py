@@ -87,6 +87,8 @@ METHODS = {
     "init-rotate-gptq": {"method": "init", **GPTQ, "clipping": "learned", "rotate": True, "online_hadamard": True},
     "init-rotate-gptq-grid": {"method": "init", **GPTQ, "clipping": "input-grid", "rotate": True,
                                  "online_hadamard": True},
+    "init-rotate-gptq-grid-no-hadamard": {"method": "init", **GPTQ, "clipping": "input-grid", "rotate": True,
+                                          "online_hadamard": False},  # exportable to the integer formats
 }
 # a zeroqat row per GPTQ init row: "zeroqat-gptq-grid" trains the "init-gptq-grid" model
 ZEROQAT_INIT = {f"zeroqat-{name[len('init-'):]}": name for name, keys in METHODS.items() if keys.get("rounding") == "gptq"}
