@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zqat_peft.hadamard import apply_hadamard, hadamard_factors, hadamard_matrix
 
@@ -43,3 +44,28 @@ def test_apply_hadamard_keeps_the_input_dtype(dtype, tol):
 def test_apply_hadamard_refuses_a_wrong_width():
     with pytest.raises(ValueError, match="last dimension must be 1536"):
         apply_hadamard(torch.zeros(2, 576), hadamard_factors(1536))
+
+
+class _MatmulShapes(TorchDispatchMode):
+    """Records the operand shapes of every matrix product dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+            self.shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_hadamard_multiplies_matrices_not_a_batch_of_vectors(transpose):
+    # the last factor's axis is innermost: applied as a batch of [128, 128] @ [128, 1] products it cost
+    # 9x the down_proj matmul it precedes on the CPU; as one [rows, 128] @ [128, 128] GEMM, about a third
+    factors = [f.float() for f in hadamard_factors(1536)]
+    with _MatmulShapes() as recorded:
+        apply_hadamard(torch.randn(64, 1536), factors, transpose)
+    assert recorded.shapes, "apply_hadamard dispatched no matrix product"
+    vector_products = [s for s in recorded.shapes if s[1][-1] == 1]
+    assert not vector_products, f"matrix-vector products: {vector_products}"
