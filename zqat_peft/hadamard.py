@@ -65,9 +65,11 @@ def apply_hadamard(x: torch.Tensor, factors: list[torch.Tensor], transpose: bool
     for factor, size in zip(factors, sizes):
         h = factor.to(device=x.device, dtype=x.dtype)
         inner = n // (outer * size)
-        if inner == 1:  # the last factor: one GEMM over every row (as a batch of matrix-vector products it
-            y = y.reshape(-1, size) @ (h.t() if transpose else h)  # cost 9x the down_proj it precedes)
-        else:  # y[b, (i_outer, i, i_inner)] -> sum_i H[i, j] y[.., i, ..]: H^T @ the factor's axis
+        # y[b, (i_outer, i, i_inner)] -> sum_i y[.., i, ..] H[i, j]. The last factor (inner 1) is one GEMM over
+        # every row: as H^T @ y it would be a batch of matrix-vector products, 9x the cost of down_proj itself
+        if inner == 1:
+            y = y.reshape(-1, size) @ (h.t() if transpose else h)
+        else:
             y = (h if transpose else h.t()) @ y.reshape(-1, size, inner)
         outer *= size
     return (y.reshape(x.shape) * (1.0 / math.sqrt(n))).to(x.dtype)
