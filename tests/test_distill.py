@@ -21,14 +21,23 @@ def test_distillation_loss_over_the_whole_vocabulary_is_the_kl():
     assert distillation_loss(teacher, ids, log_p).abs() < 1e-6  # the teacher itself: no loss
 
 
-def test_distillation_loss_on_the_top_k_is_positive_until_the_mass_matches():
+def test_distillation_loss_on_the_top_k_is_zero_only_at_the_teachers_distribution():
     gen = torch.Generator().manual_seed(1)
     teacher = torch.randn(3, 4, 50, generator=gen)
     top, ids = teacher.log_softmax(-1).topk(5, dim=-1)
-    assert distillation_loss(teacher, ids, top) > 0  # the teacher puts mass outside its top 5
-    exact = torch.full_like(teacher, -1e4).scatter(-1, ids, top)  # all mass on the top 5, in p's proportions
-    assert distillation_loss(exact, ids, top).abs() < 1e-5
-    assert distillation_loss(torch.randn(3, 4, 50, generator=gen), ids, top) > distillation_loss(teacher, ids, top)
+    assert distillation_loss(teacher, ids, top).abs() < 1e-5  # the teacher itself, tail mass included
+    assert distillation_loss(torch.randn(3, 4, 50, generator=gen), ids, top) > 0.1
+
+
+def test_distillation_loss_does_not_reward_moving_the_tail_onto_the_top_k():
+    # the old loss (the top k renormalized, the rest ignored) scored this overconfident model below the teacher
+    gen = torch.Generator().manual_seed(3)
+    teacher = torch.randn(3, 4, 50, generator=gen)
+    top, ids = teacher.log_softmax(-1).topk(5, dim=-1)
+    overconfident = teacher.scatter_add(-1, ids, torch.ones_like(top))  # tail mass moved onto the top 5
+    all_on_top = torch.full_like(teacher, -1e4).scatter(-1, ids, top)  # the top 5 in p's proportions, no tail
+    assert distillation_loss(overconfident, ids, top) > distillation_loss(teacher, ids, top) + 0.05
+    assert distillation_loss(all_on_top, ids, top) > 1.0
 
 
 def test_teacher_top_k_is_the_models_most_likely_next_tokens():

@@ -8,7 +8,8 @@ position), so the full-precision weights need not stay in memory while training.
 
 - ``teacher_top_k``: the full-precision model's top-k tokens and log-probabilities for a set of windows.
 - ``TeacherWindows``: token windows with those targets, as training / held-out examples.
-- ``distillation_loss``: KL(teacher's top-k distribution, renormalized || the model's distribution).
+- ``distillation_loss``: KL between the teacher's and the model's distributions over k + 1 outcomes: each of
+  the teacher's top-k tokens, and "any other token" (the mass the teacher leaves outside its top k).
 - ``DistillZOTrainer``: ZOTrainer whose loss is ``distillation_loss`` (training and held-out checks).
 """
 
@@ -60,13 +61,23 @@ class TeacherWindows(torch.utils.data.Dataset):
 
 
 def distillation_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p || q): p the teacher's top-k distribution renormalized, q the model's
-    distribution over the whole vocabulary (restricted to the k tokens, so q sums to <= 1 and the KL is >= 0,
-    0 only when the model puts exactly p's mass on them). logits [B, T, V]; teacher tensors [B, T, k]."""
+    """Mean over positions of KL(p || q) over k + 1 outcomes: the teacher's top-k tokens, and the rest of the
+    vocabulary as one outcome (p's rest: the mass the teacher leaves outside its top k; q's: the model's mass
+    outside those k tokens). 0 only when the model gives each top-k token and the rest the teacher's mass.
+    The rest matters: without it a model lowers the loss by moving its tail mass onto the top k, which makes
+    it overconfident and raises its cross-entropy on text whose next token is outside them.
+    logits [B, T, V]; teacher tensors [B, T, k]."""
     logits = logits.float()
-    log_q = logits.gather(-1, teacher_ids.long()) - logits.logsumexp(-1, keepdim=True)
-    log_p = teacher_logprobs.float().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    ids = teacher_ids.long()
+    log_norm = logits.logsumexp(-1, keepdim=True)
+    log_q_top = logits.gather(-1, ids) - log_norm
+    log_q_rest = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - log_norm.squeeze(-1)
+    log_p_top = teacher_logprobs.float()
+    p_rest = (1 - log_p_top.exp().sum(-1)).clamp(min=0)  # float16 targets can sum to a little over 1
+    top = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
+    has_rest = (p_rest > 0) & log_q_rest.isfinite()  # no rest when the k tokens are the whole vocabulary
+    rest = torch.where(has_rest, p_rest * (p_rest.clamp(min=1e-30).log() - log_q_rest), torch.zeros_like(p_rest))
+    return (top + rest).mean()
 
 
 class DistillZOTrainer(ZOTrainer):
