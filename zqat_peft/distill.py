@@ -68,15 +68,14 @@ def distillation_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_l
     it overconfident and raises its cross-entropy on text whose next token is outside them.
     logits [B, T, V]; teacher tensors [B, T, k]."""
     logits = logits.float()
-    ids = teacher_ids.long()
-    log_norm = logits.logsumexp(-1, keepdim=True)
-    log_q_top = logits.gather(-1, ids) - log_norm
-    log_q_rest = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - log_norm.squeeze(-1)
+    log_q_top = logits.gather(-1, teacher_ids.long()) - logits.logsumexp(-1, keepdim=True)
     log_p_top = teacher_logprobs.float()
-    p_rest = (1 - log_p_top.exp().sum(-1)).clamp(min=0)  # float16 targets can sum to a little over 1
+    # each rest from its k probabilities (no second pass over the vocabulary, which ran every forward); float16
+    # targets can sum to a little over 1, and a float32 sum near 1 resolves a rest of about 1e-7 at best
+    p_rest = (1 - log_p_top.exp().sum(-1)).clamp(min=0)
+    q_rest = (1 - log_q_top.exp().sum(-1)).clamp(min=1e-7)
     top = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
-    has_rest = (p_rest > 0) & log_q_rest.isfinite()  # no rest when the k tokens are the whole vocabulary
-    rest = torch.where(has_rest, p_rest * (p_rest.clamp(min=1e-30).log() - log_q_rest), torch.zeros_like(p_rest))
+    rest = torch.xlogy(p_rest, p_rest) - p_rest * q_rest.log()  # 0 where the teacher leaves no rest
     return (top + rest).mean()
 
 
