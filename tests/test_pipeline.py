@@ -383,6 +383,21 @@ def test_scheduler_and_its_arguments_reach_the_trainer(tiny_local_model, tmp_pat
         load_recipe(None, ["train.scheduler_kwargs=300"])
 
 
+def test_the_recipe_chooses_the_estimator(tmp_path, tiny_local_model):
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", "quant={w_bits: 3, group_size: 64, trainable: scales, init: rtn}",
+        "train={steps: 2, batch_size: 2, seq_len: 32, num_queries: 3, estimator: one_sided, eval_steps: null}",
+    ])
+    model, tokenizer = pipeline.quantized_model(recipe, "cpu", "rtn")
+    forwards = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: forwards.append(1) or forward(*a, **kw)
+    pipeline.train(model, recipe, pipeline.prepare_data(recipe, tokenizer), tmp_path, "cpu")
+    assert len(forwards) == 2 * (3 + 1)  # one unperturbed forward per step, not 2 x 3
+    with pytest.raises(RecipeError, match="train.estimator must be one of"):
+        load_recipe(None, ["train.estimator=central"])
+
+
 @needs_model_and_wiki
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model, tmp_path, monkeypatch, capsys):
     def recipe(name: str, *more: str) -> dict:

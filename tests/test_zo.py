@@ -13,7 +13,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from zqat_peft import ZeroQATConfig, ZOTrainer, ZOTrainingArguments, replay_trajectory
-from zqat_peft.zo import ZODivergenceError, Trajectory, perturbed, spsa_losses, zo_parameters
+from zqat_peft.zo import (ZODivergenceError, Trajectory, one_sided_losses, perturbed, projected_gradient, spsa_losses,
+                          zo_parameters)
 from zqat_peft.noise import zo_noise
 
 from .conftest import tiny_batch, tiny_model
@@ -184,6 +185,22 @@ def test_estimator_mean_points_along_the_true_gradient():
     assert cosine > 0.9, cosine
 
 
+def test_one_sided_estimate_points_along_the_true_gradient():
+    """The one-sided difference against one shared unperturbed loss, over eps (not 2 eps), is unbiased too."""
+    torch.manual_seed(0)
+    dim = 16
+    a, b = torch.randn(dim, dim) / math.sqrt(dim), torch.randn(dim)
+    model = nn.Linear(dim, 1, bias=False)
+    params = zo_parameters(model)
+    true_grad = a.t() @ (a @ params[0].param.detach().reshape(-1) - b)
+    eps, seeds = 1e-3, range(3000)
+    base, probes = one_sided_losses(params, lambda: _quadratic_through_module(model, a, b), seeds, eps)
+    estimate = sum(projected_gradient(float(probe - base), eps, estimator="one_sided")
+                   * zo_noise(seed, params[0].key, (dim,)) for seed, probe in zip(seeds, probes)) / len(seeds)
+    assert torch.nn.functional.cosine_similarity(estimate, true_grad, dim=0) > 0.9
+    assert 0.8 < estimate.norm() / true_grad.norm() < 1.25  # the right length: divided by eps, not 2 eps
+
+
 def _quadratic_through_module(model: nn.Linear, a, b):
     # the module's forward computes a @ w (as a linear layer applied to a's rows)
     return 0.5 * ((model(a).reshape(-1) - b) ** 2).sum()
@@ -259,6 +276,31 @@ def test_resume_and_replay_are_bit_exact(tmp_path):
     again = trained_state(replayed)
     assert all(torch.equal(expected[n], again[n]) for n in expected)
     assert (tmp_path / "b" / "checkpoint-6" / "zo_trajectory.safetensors").stat().st_size < 20_000
+
+
+def test_one_sided_steps_share_one_unperturbed_forward(tmp_path):
+    """q probes cost q + 1 forwards, and each recorded gradient is (L(p + eps z) - L(p)) / eps on the batch."""
+    model = zqat_llama("scales")
+    start = zqat_llama("scales")
+    calls = []
+    orig = model.forward
+    model.forward = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+    args = zo_args(tmp_path, max_steps=2, zo_num_queries=3, zo_estimator="one_sided")
+    trainer = ZOTrainer(model=model, args=args, train_dataset=RepeatedBatch())
+    trainer.train()
+    assert len(calls) == 2 * (3 + 1)  # the two-point estimator would take 2 * 6
+    zo = trainer.zo_optimizer
+    params, batch = zo_parameters(start), RepeatedBatch().batch
+    base = batch_loss(start, batch)
+    for seed, recorded in zip(zo.trajectory.seeds[0], zo.trajectory.grads[0]):
+        with perturbed(params, seed, zo.eps):
+            probe = batch_loss(start, batch)
+        assert recorded == pytest.approx((probe - base) / zo.eps, rel=1e-3, abs=1e-3)
+
+
+def test_an_unknown_estimator_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="zo_estimator must be one of"):
+        zo_args(tmp_path, zo_estimator="three_point")
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
@@ -558,25 +600,27 @@ def test_zo_grad_clip_bounds_the_projected_gradient(tmp_path):
 # ----- resume and replay ---------------------------------------------------------------------------
 
 
-def test_resume_with_accumulation_and_several_queries_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("mode,estimator_kw", [("lightweight", {}),
+                                                ("scales", dict(zo_estimator="one_sided", zo_step="relative"))])
+def test_resume_with_accumulation_and_several_queries_is_bit_exact(tmp_path, mode, estimator_kw):
     data = RepeatedBatch()
-    kw = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, zo_num_queries=2)
-    full = zqat_llama("lightweight")
+    kw = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, zo_num_queries=2, **estimator_kw)
+    full = zqat_llama(mode)
     ZOTrainer(model=full, args=zo_args(tmp_path / "a", **kw), train_dataset=data).train()
     args = zo_args(tmp_path / "b", save_strategy="steps", save_steps=2, **kw)
-    ZOTrainer(model=zqat_llama("lightweight"), args=args, train_dataset=data).train()
-    resumed = zqat_llama("lightweight")
+    ZOTrainer(model=zqat_llama(mode), args=args, train_dataset=data).train()
+    resumed = zqat_llama(mode)
     ZOTrainer(model=resumed, args=args, train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
     expected, got = trained_state(full), trained_state(resumed)
     assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
-    start = trained_state(zqat_llama("lightweight"))
+    start = trained_state(zqat_llama(mode))
     assert all(not torch.equal(start[n], got[n]) for n in start)
-    replayed = trained_state(replay_trajectory(zqat_llama("lightweight"), tmp_path / "b" / "checkpoint-4"))
+    replayed = trained_state(replay_trajectory(zqat_llama(mode), tmp_path / "b" / "checkpoint-4"))
     assert all(torch.equal(expected[n], replayed[n]) for n in expected)
 
 
 @pytest.mark.parametrize("change,setting", [({"zo_eps": 2e-3}, "zo_eps"), ({"zo_num_queries": 2}, "zo_num_queries"),
-                                            ({"seed": 1}, "seed")])
+                                            ({"seed": 1}, "seed"), ({"zo_estimator": "one_sided"}, "zo_estimator")])
 def test_resume_with_changed_zo_settings_is_refused(tmp_path, change, setting):
     data = RepeatedBatch()
     kw = dict(max_steps=2, save_strategy="steps", save_steps=1)

@@ -24,6 +24,7 @@ from .evaluation.zeroshot import available_tasks
 from .files import check_adapter, read_yaml
 from .tuner import ZeroQATConfig
 from .tuner.registration import zqat_peft_type
+from .zo.estimator import ZO_ESTIMATORS
 from .zo.optimizer import ZO_STEPS
 
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
@@ -160,6 +161,9 @@ def default_recipe() -> dict:
             # (grad_clip applies to this one only)
             "step": "relative",
             "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
+            # "two_point": L(p + eps z) - L(p - eps z), 2 forwards per query; "one_sided": L(p + eps z) - L(p),
+            # the step's num_queries probes sharing one unperturbed forward (num_queries + 1 forwards)
+            "estimator": "two_point",
             "grad_clip": None, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "logging_steps": 10,
             "bf16": False,
             # a transformers scheduler's own arguments (TrainingArguments.lr_scheduler_kwargs), e.g. for
@@ -276,6 +280,8 @@ def check_recipe(recipe: dict) -> None:
                           f"{{num_decay_steps: 100}}; got {t['scheduler_kwargs']!r}")
     if t["step"] not in ZO_STEPS:
         raise RecipeError(f"train.step must be one of {ZO_STEPS}, got {t['step']!r}")
+    if t["estimator"] not in ZO_ESTIMATORS:
+        raise RecipeError(f"train.estimator must be one of {ZO_ESTIMATORS}, got {t['estimator']!r}")
     if t["step"] == "relative" and t["grad_clip"] is not None:
         raise RecipeError(f"train.grad_clip ({t['grad_clip']}) clips the absolute step's projected gradient; the "
                           "relative step clips its normalized gradient itself: unset it or use train.step=absolute")

@@ -1,8 +1,12 @@
-"""The two-point SPSA estimator and the update it drives.
+"""The SPSA estimators and the update they drive.
 
-For a seed s with noise z = z(s, p) for every trainable parameter p:
-    L+ = L(p + eps z),  L- = L(p - eps z),  g = (L+ - L-) / (2 eps)   (the projected gradient)
-    p <- p - lr * g * z                                                 (averaged over q seeds)
+For a seed s with noise z = z(s, p) for every trainable parameter p, the two-point estimator ("two_point",
+2 forwards per query) and the one-sided one ("one_sided", q probes sharing one unperturbed forward: q + 1
+forwards, as FZOO does) give the projected gradient
+    two_point:  g = (L(p + eps z) - L(p - eps z)) / (2 eps)
+    one_sided:  g = (L(p + eps z) - L(p)) / eps
+and the update is p <- p - lr * g * z, averaged over the step's q seeds. The one-sided estimate's error is
+O(eps) instead of O(eps^2), but its q directions cost q + 1 forwards instead of 2q: more directions per forward.
 z is regenerated from s at every use and never stored. With the relative step (``ZOOptimizer(step="relative")``)
 each tensor's perturbation and update are multiplied by its reference scale r_p (``ZOParameter.scale``), and
 the g of the update is the projected gradient divided by its running RMS: the step moves each weight by
@@ -21,6 +25,9 @@ from ..noise import add_noise_update_
 from .perturbation import ZOParameter, perturbed
 
 
+ZO_ESTIMATORS = ("two_point", "one_sided")
+
+
 def step_seeds(base_seed: int, step: int, num_queries: int) -> list[int]:
     """The seeds of one optimizer step: a pure function of (base seed, step, query), so resume replays them."""
     return [zlib.crc32(f"zo/{base_seed}/{step}/{q}".encode()) for q in range(num_queries)]
@@ -37,9 +44,23 @@ def spsa_losses(
     return loss_pos, loss_neg
 
 
-def projected_gradient(loss_diff: float, eps: float, clip: Optional[float] = None) -> float:
-    """g = (L+ - L-) / (2 eps), optionally clipped to [-clip, clip]."""
-    g = loss_diff / (2.0 * eps)
+def one_sided_losses(
+    params: list[ZOParameter], loss_fn: Callable[[], torch.Tensor], seeds: Sequence[int], eps: float
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The unperturbed loss and the loss at +eps z for each seed: len(seeds) + 1 forwards."""
+    with torch.no_grad():
+        loss_base = loss_fn().detach()
+    probes = []
+    for seed in seeds:
+        with perturbed(params, seed, eps):
+            probes.append(loss_fn().detach())
+    return loss_base, probes
+
+
+def projected_gradient(loss_diff: float, eps: float, clip: Optional[float] = None,
+                       estimator: str = "two_point") -> float:
+    """g = (L+ - L-) / (2 eps) (two-point) or (L+ - L) / eps (one-sided), optionally clipped to [-clip, clip]."""
+    g = loss_diff / (2.0 * eps if estimator == "two_point" else eps)
     if clip is not None and clip > 0:
         g = max(-clip, min(clip, g))
     return g

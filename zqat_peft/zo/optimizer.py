@@ -13,6 +13,10 @@ step no longer depends on the model's weight or loss scales, so one lr carries o
 trajectory records the reference scales once and the coefficient applied at each step, so replay needs no
 optimizer state.
 
+The estimator (``estimator``): "two_point" (the default) takes L(p + eps z) - L(p - eps z) per query,
+"one_sided" takes L(p + eps z) - L(p) with one unperturbed forward shared by the step's queries; the trainer
+measures the differences, this class only divides them by 2 eps or eps.
+
 Gradient accumulation: all micro-batches of one window share the step's seeds, and the projected
 gradient is the mean of their loss differences, i.e. the SPSA estimate on the window's whole batch.
 """
@@ -26,7 +30,7 @@ from typing import Collection, Optional
 import torch
 import torch.distributed as dist
 
-from .estimator import normalized_gradients, projected_gradient, reference_scales, step_seeds, zo_update
+from .estimator import ZO_ESTIMATORS, normalized_gradients, projected_gradient, reference_scales, step_seeds, zo_update
 from .perturbation import ZOParameter
 from .trajectory import Trajectory
 
@@ -57,7 +61,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         step: str = "relative",
         norm_beta: float = 0.99,
         norm_clip: float = 3.0,
+        estimator: str = "two_point",
     ) -> None:
+        if estimator not in ZO_ESTIMATORS:
+            raise ValueError(f"zo_estimator must be one of {ZO_ESTIMATORS}, got {estimator!r}.")
         if step not in ZO_STEPS:
             raise ValueError(f"zo_step must be one of {ZO_STEPS}, got {step!r}.")
         if step == "relative" and grad_clip is not None:
@@ -93,6 +100,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed = seed
         self.max_nonfinite_steps = max_nonfinite_steps
         self.step_kind = step
+        self.estimator = estimator
         self.norm_beta = norm_beta
         self.norm_clip = norm_clip
         scales = reference_scales(params) if step == "relative" else None
@@ -146,7 +154,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._on_nonfinite()
         else:
             self.nonfinite_in_a_row = 0
-            grads = [projected_gradient(float(d), self.eps, self.grad_clip) for d in mean_diff]
+            grads = [projected_gradient(float(d), self.eps, self.grad_clip, self.estimator) for d in mean_diff]
             self.last_grads = grads
             grads = self._normalized(grads)
             weight_decay = self.param_groups[0]["weight_decay"]  # the decayed group comes first
@@ -202,7 +210,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["zo"] = {"trajectory": self.trajectory.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                       "norm_moment": self.norm_moment, "norm_count": self.norm_count}
+                       "norm_moment": self.norm_moment, "norm_count": self.norm_count, "estimator": self.estimator}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -211,7 +219,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo is None:
             raise ValueError("This optimizer state was not written by ZOOptimizer (no 'zo' entry): cannot resume from it.")
         trajectory = Trajectory.from_state_dict(zo["trajectory"])
-        self._check_same_run(trajectory)
+        self._check_same_run(trajectory, zo.get("estimator", "two_point"))  # older checkpoints: two-point
         super().load_state_dict(state_dict)
         trajectory.decay_names = self.trajectory.decay_names  # the same set, or no decay recorded yet
         self.trajectory = trajectory
@@ -220,7 +228,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.norm_moment = float(zo.get("norm_moment", 0.0))
         self.norm_count = int(zo.get("norm_count", 0))
 
-    def _check_same_run(self, recorded: Trajectory) -> None:
+    def _check_same_run(self, recorded: Trajectory, recorded_estimator: str) -> None:
         """Refuse a checkpoint whose recorded steps this optimizer would not continue: one trajectory, one setting."""
         if recorded.param_names != self.trajectory.param_names:
             raise ValueError(
@@ -231,6 +239,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         recorded_step = "absolute" if recorded.ref_scales is None else "relative"
         if recorded_step != self.step_kind:
             changed.append(f"zo_step {recorded_step!r} (now {self.step_kind!r})")
+        if recorded_estimator != self.estimator:
+            changed.append(f"zo_estimator {recorded_estimator!r} (now {self.estimator!r})")
         if recorded.eps != self.eps:
             changed.append(f"zo_eps {recorded.eps!r} (now {self.eps!r})")
         if recorded.num_queries != self.num_queries:

@@ -1,4 +1,4 @@
-"""ZOTrainer: transformers' Trainer with two perturbed forwards in place of backward().
+"""ZOTrainer: transformers' Trainer with perturbed forwards in place of backward().
 
 The hooks overridden are `create_optimizer` (a `ZOOptimizer`), `training_step` (the SPSA forwards) and
 `get_decay_parameter_names` (no decay on quantization parameters). The loop, schedules, logging,
@@ -19,7 +19,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from ..tuner.layer import ZQATLayer
-from .estimator import loss_difference, spsa_losses
+from .estimator import ZO_ESTIMATORS, loss_difference, one_sided_losses, spsa_losses
 from .guard import DivergenceGuard
 from .loss import chunked_causal_lm_loss, chunked_loss_unsupported
 from .optimizer import ZO_STEPS, ZOOptimizer
@@ -36,6 +36,9 @@ class ZOTrainingArguments(TrainingArguments):
     zo_eps: float = field(default=1e-3, metadata={
         "help": "SPSA perturbation size eps (relative step: a fraction of each tensor's RMS)."})
     zo_num_queries: int = field(default=1, metadata={"help": "Perturbations per step; their updates are averaged."})
+    zo_estimator: str = field(default="two_point", metadata={
+        "help": "'two_point': L(p + eps z) - L(p - eps z), 2 forwards per query; 'one_sided': L(p + eps z) - L(p), "
+                "the queries sharing one unperturbed forward (num_queries + 1 forwards per step)."})
     zo_grad_clip: Optional[float] = field(
         default=None, metadata={"help": "Absolute step: clip the projected gradient to [-c, c] (off by default)."}
     )
@@ -86,6 +89,8 @@ class ZOTrainingArguments(TrainingArguments):
             )
         if self.zo_step not in ZO_STEPS:
             raise ValueError(f"zo_step must be one of {ZO_STEPS}, got {self.zo_step!r}.")
+        if self.zo_estimator not in ZO_ESTIMATORS:
+            raise ValueError(f"zo_estimator must be one of {ZO_ESTIMATORS}, got {self.zo_estimator!r}.")
         if self.zo_step == "relative" and self.zo_grad_clip is not None:
             raise ValueError(
                 f"zo_grad_clip={self.zo_grad_clip} clips the absolute projected gradient; with zo_step='relative' "
@@ -113,7 +118,8 @@ def _optimizer_options_set(args: TrainingArguments) -> list[str]:
 
 
 class ZOTrainer(Trainer):
-    """Zeroth-order training: each step costs two forwards per query and no backward."""
+    """Zeroth-order training: each step costs two forwards per query (one-sided: one per query and one
+    unperturbed) and no backward."""
 
     def __init__(self, model: nn.Module = None, args: ZOTrainingArguments = None, **kwargs: Any) -> None:
         if args is None:
@@ -177,6 +183,7 @@ class ZOTrainer(Trainer):
                 step=args.zo_step,
                 norm_beta=args.zo_norm_beta,
                 norm_clip=args.zo_norm_clip,
+                estimator=args.zo_estimator,
             )
         return self.optimizer
 
@@ -217,9 +224,14 @@ class ZOTrainer(Trainer):
                 # a fresh dict per pass: with a compute_loss_func or label smoothing, compute_loss pops the labels
                 return self.compute_loss(model, dict(inputs))
 
-        pairs = [spsa_losses(zo.zo_params, loss_fn, seed, zo.eps) for seed in zo.seeds]
-        loss = torch.stack([pos.double() + neg.double() for pos, neg in pairs]).mean() / 2
-        zo.accumulate(torch.stack([loss_difference(pos, neg) for pos, neg in pairs]), float(loss))
+        if zo.estimator == "one_sided":
+            base, probes = one_sided_losses(zo.zo_params, loss_fn, zo.seeds, zo.eps)
+            loss, diffs = base.double(), torch.stack([loss_difference(probe, base) for probe in probes])
+        else:
+            pairs = [spsa_losses(zo.zo_params, loss_fn, seed, zo.eps) for seed in zo.seeds]
+            loss = torch.stack([pos.double() + neg.double() for pos, neg in pairs]).mean() / 2
+            diffs = torch.stack([loss_difference(pos, neg) for pos, neg in pairs])
+        zo.accumulate(diffs, float(loss))
         return loss.to(self.args.device, torch.float32) / self.current_gradient_accumulation_steps
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
