@@ -271,6 +271,41 @@ def test_gguf_export_loads_in_transformers_gguf_reader(tmp_path):
     assert report.max_weight_change < 1e-4
 
 
+NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
+
+
+def _with_trained_norms(model):
+    """The trained copies of peft's modules_to_save set away from the frozen originals (all ones)."""
+    gen = torch.Generator().manual_seed(1)
+    for name, param in model.named_parameters():
+        if "modules_to_save" in name:
+            param.data = 1 + 0.5 * torch.randn(param.shape, generator=gen)
+    return model
+
+
+@pytest.mark.parametrize("save", [save_merged, save_compressed_tensors])
+def test_trained_norms_export_as_the_model_uses_them(tmp_path, save):
+    model = _with_trained_norms(_tiny(ZeroQATConfig(w_bits=4, group_size=32, trainable="scales", modules_to_save=NORMS)))
+    ids = tiny_batch()["input_ids"]
+    save(model, tmp_path / "out")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_trained_norms_export_to_gguf(tmp_path):
+    tokenizer, config = _real_tokenizer_and_tiny_llama_config()
+    torch.manual_seed(0)
+    model = _with_trained_norms(get_peft_model(transformers.AutoModelForCausalLM.from_config(config).eval(),
+                                               ZeroQATConfig(w_bits=4, group_size=32, trainable="scales",
+                                                             modules_to_save=NORMS)))
+    save_gguf(model, tmp_path / "model.gguf", tokenizer, tokenizer_pre="smollm")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    trained = model.get_base_model().model
+    torch.testing.assert_close(loaded.model.norm.weight, trained.norm.modules_to_save["default"].weight)
+    torch.testing.assert_close(loaded.model.layers[1].post_attention_layernorm.weight,
+                               trained.layers[1].post_attention_layernorm.modules_to_save["default"].weight)
+
+
 def test_export_refuses_an_existing_folder(tmp_path):
     model = _tiny(ZeroQATConfig(w_bits=4, group_size=32, trainable="scales"))
     (tmp_path / "out").mkdir()

@@ -399,6 +399,38 @@ def test_the_recipe_chooses_the_estimator(tmp_path, tiny_local_model):
 
 
 @needs_model_and_wiki
+def test_the_rtn_stage_of_a_gptq_recipe_rounds_to_nearest(tiny_local_model):
+    # the RTN column of `zqat run` on a recipe with rounding: gptq (the W2/W3 CPU recipes) was refused
+    recipe = load_recipe(None, [f"model={tiny_local_model}",
+                                "quant={w_bits: 2, group_size: 64, trainable: scales, init: calibrate, rounding: gptq}"])
+    model, _ = pipeline.quantized_model(recipe, "cpu", "rtn")
+    assert model.peft_config["default"].rounding == "nearest" and model.peft_config["default"].init == "rtn"
+
+
+@needs_model_and_wiki
+def test_zo_trains_the_norms_of_modules_to_save_also_from_an_init_adapter(tiny_local_model, tmp_path):
+    quant = "quant={w_bits: 2, group_size: 64, trainable: scales, init: rtn}"
+    norms = "quant.modules_to_save=[input_layernorm, post_attention_layernorm, norm]"
+    recipe = load_recipe(None, [f"model={tiny_local_model}", quant, norms, "train={steps: 2, batch_size: 2, "
+                                "seq_len: 32, lr: 1e-1, eps: 1e-2, eval_steps: null}"])
+    init, _ = pipeline.quantized_model(load_recipe(None, [f"model={tiny_local_model}", quant]), "cpu", "rtn")
+    pipeline.save_adapter(init, tmp_path / "init")  # an init adapter without trained norms
+    model, tokenizer = pipeline.load_adapter(recipe, tmp_path / "init", "cpu", trainable=True)
+    norm_names = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    assert len(norm_names) == 2 * 2 + 1
+    pipeline.train(model, recipe, pipeline.prepare_data(recipe, tokenizer), tmp_path / "work", "cpu")
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], torch.ones_like(params[n])) for n in norm_names)  # trained from ones
+    pipeline.save_adapter(model, tmp_path / "trained")
+    reloaded, _ = pipeline.load_adapter(recipe, tmp_path / "trained", "cpu")
+    assert all(torch.equal(dict(reloaded.named_parameters())[n], params[n]) for n in norm_names)
+
+    other = load_recipe(None, [f"model={tiny_local_model}", quant, "quant.modules_to_save=[input_layernorm]"])
+    with pytest.raises(RecipeError, match="set quant.modules_to_save to the adapter's"):
+        pipeline.load_adapter(other, tmp_path / "trained", "cpu", trainable=True)
+
+
+@needs_model_and_wiki
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_local_model, tmp_path, monkeypatch, capsys):
     def recipe(name: str, *more: str) -> dict:
         return load_recipe(None, [

@@ -328,6 +328,30 @@ def test_trainable_modules_that_match_no_layer_are_refused():
         get_peft_model(tiny_model(), config)
 
 
+def test_modules_to_save_that_match_nothing_or_a_quantized_layer_are_refused():
+    with pytest.raises(ValueError, match=r"'input_layrnorm', which matches no module"):
+        get_peft_model(tiny_model(), ZeroQATConfig(modules_to_save=["input_layrnorm"]))
+    with pytest.raises(ValueError, match=r"'mlp' matches model.layers.0.mlp, which is or holds a linear layer"):
+        get_peft_model(tiny_model(), ZeroQATConfig(modules_to_save=["mlp"]))
+
+
+def test_trained_norms_are_trainable_saved_and_loaded(tmp_path):
+    norms = ["input_layernorm", "post_attention_layernorm", "norm"]
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=2, group_size=32, trainable="scales", modules_to_save=norms))
+    trained = [name for name, p in model.named_parameters() if p.requires_grad and "zqat_scales" not in name]
+    assert len(trained) == 2 * 2 + 1 and all(".modules_to_save.default.weight" in name for name in trained)
+    for name, param in model.named_parameters():
+        if name in trained:
+            param.data.mul_(1.5)
+    ids = tiny_batch()["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
 def test_unsupported_bits_are_refused():
     with pytest.raises(ValueError, match=r"2, 3, 4, 8"):
         ZeroQATConfig(w_bits=5)

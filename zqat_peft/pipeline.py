@@ -39,6 +39,7 @@ import torch
 import yaml
 from peft import PeftModel, get_peft_model
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from peft.utils.other import set_additional_trainable_modules
 from peft.utils.error import NoMatchingPeftModuleError
 from safetensors import safe_open
 from transformers import TrainerCallback
@@ -84,9 +85,11 @@ def load_base(recipe: dict, device: str):
 
 
 def quantized_model(recipe: dict, device: str, init: str):
-    """A fresh copy of the base model wrapped by ZeroQAT with the recipe's settings and ``init``."""
+    """A fresh copy of the base model wrapped by ZeroQAT with the recipe's settings and ``init`` (the RTN model
+    rounds to nearest whatever the recipe's rounding: GPTQ rounding happens in calibration)."""
     base, tokenizer = load_base(recipe, device)
-    return get_peft_model(base, quant_config(recipe, init=init)), tokenizer
+    changes = {"init": init, **({"rounding": "nearest"} if init == "rtn" else {})}
+    return get_peft_model(base, quant_config(recipe, **changes)), tokenizer
 
 
 def load_adapter(recipe: dict, adapter_dir: str | os.PathLike, device: str, trainable: bool = False):
@@ -95,7 +98,25 @@ def load_adapter(recipe: dict, adapter_dir: str | os.PathLike, device: str, trai
     check_adapter_folder(adapter_dir)
     base, tokenizer = load_base(recipe, device)
     model = attach_adapter(base, adapter_dir, recipe["model"], trainable)
+    if trainable:
+        train_modules_to_save(model, recipe["quant"]["modules_to_save"], adapter_dir)
     return (model if trainable else model.eval()), tokenizer
+
+
+def train_modules_to_save(model: PeftModel, wanted: Optional[list[str]], adapter_dir: str | os.PathLike) -> None:
+    """Make the recipe's ``quant.modules_to_save`` trainable in a loaded adapter that has none (an init adapter
+    trained further with its norms, say): the quantized layers do not depend on them. An adapter that trained
+    other ones is refused, since their trained weights would be dropped or kept at odds with the recipe."""
+    config = model.peft_config[model.active_adapter]
+    saved = config.modules_to_save
+    if not wanted or sorted(saved or []) == sorted(wanted):
+        return
+    if saved:
+        raise RecipeError(f"the adapter {adapter_dir} trained the modules {sorted(saved)}, the recipe's "
+                          f"quant.modules_to_save is {sorted(wanted)}: set quant.modules_to_save to the adapter's")
+    model.base_model._check_modules_to_save(wanted)
+    config.modules_to_save = list(wanted)
+    set_additional_trainable_modules(model, config, model.config, model.active_adapter)
 
 
 def attach_adapter(base, adapter_dir: str | os.PathLike, model_name: str, trainable: bool):

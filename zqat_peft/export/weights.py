@@ -112,11 +112,25 @@ def float_tensors(model: nn.Module) -> dict[str, Tensor]:
     """
     base = base_model(model)
     skip = tuple(f"{name}." for name in zqat_layers(model))
-    tensors = {name: t.detach().cpu() for name, t in base.state_dict().items() if not name.startswith(skip)}
+    named = ((checkpoint_name(name), t) for name, t in base.state_dict().items() if not name.startswith(skip))
+    tensors = {name: t.detach().cpu() for name, t in named if name is not None}
     tied = tied_output_embedding_name(base)
     if tied is not None:
         tensors.pop(tied, None)
     return tensors
+
+
+def checkpoint_name(name: str) -> Optional[str]:
+    """The plain checkpoint name of a tensor or module of the base model: a module trained through peft's
+    ``modules_to_save`` (``X.modules_to_save.<adapter>.weight``) is written as the module itself (``X.weight``);
+    its frozen original (``X.original_module.weight``) is not written (None). A ZeroQAT model has one adapter."""
+    parts = name.split(".")
+    if "original_module" in parts:
+        return None
+    if "modules_to_save" in parts:
+        at = parts.index("modules_to_save")
+        del parts[at:at + 2]
+    return ".".join(parts)
 
 
 def tied_output_embedding_name(base: nn.Module) -> Optional[str]:
@@ -131,7 +145,8 @@ def plain_linears(model: nn.Module) -> list[str]:
     """Names of the nn.Linear layers that ZeroQAT does not quantize (the output embedding included)."""
     base = base_model(model)
     inside_zqat = {id(layer.get_base_layer()) for layer in zqat_layers(model).values()}
-    return [name for name, m in base.named_modules() if type(m) is nn.Linear and id(m) not in inside_zqat]
+    names = (checkpoint_name(name) for name, m in base.named_modules() if type(m) is nn.Linear and id(m) not in inside_zqat)
+    return [name for name in names if name is not None]
 
 
 def common_setting(layers: dict[str, QuantizedLinear], fmt: str) -> tuple[int, int, bool]:

@@ -79,6 +79,13 @@ class ZeroQATConfig(PeftConfig):
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={"help": "With trainable='lightweight': name suffixes of the layers that keep master weights."},
     )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the quantized layers that ZO training updates in full precision and the "
+                          "adapter saves (peft's modules_to_save), e.g. ['input_layernorm', 'post_attention_layernorm'] "
+                          "to train the RMSNorm weights: few parameters that rescale every input channel of the "
+                          "quantized layers after them."},
+    )
     kv_modules: list[str] = field(
         default_factory=lambda: ["k_proj", "v_proj", "query_key_value", "qkv_proj"],
         metadata={"help": "Name suffixes of the projections whose outputs are quantized at kv_bits."},
@@ -144,6 +151,10 @@ class ZeroQATConfig(PeftConfig):
         self._check_rounding()
         if self.trainable == "lightweight" and not self.trainable_modules:
             raise ValueError("trainable='lightweight' needs trainable_modules (e.g. ['q_proj', 'v_proj']).")
+        if self.modules_to_save is not None and (
+                isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save)):
+            raise ValueError(f"modules_to_save takes a list of module names (e.g. ['input_layernorm', "
+                             f"'post_attention_layernorm']), got {self.modules_to_save!r}.")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

@@ -104,6 +104,7 @@ class ZeroQATModel(BaseTuner):
     def _check_new_adapter_config(self, config: ZeroQATConfig) -> None:
         if len(self.peft_config) > 1:
             raise ValueError("A model can hold one ZeroQAT adapter: quantization settings do not stack.")
+        self._check_modules_to_save(config.modules_to_save or [])
         if config.trainable == "lightweight":
             linear_names = [name for name, m in self.model.named_modules() if isinstance(m, nn.Linear)]
             if not any(config.is_trained(name) for name in linear_names):
@@ -112,6 +113,24 @@ class ZeroQATModel(BaseTuner):
                     f"trainable_modules {config.trainable_modules} match none of the quantized layers, so nothing "
                     f"would be trained: name them by suffix, one of {suffixes}."
                 )
+
+    def _check_modules_to_save(self, names: list[str]) -> None:
+        """peft wraps every module whose name ends with one of ``names`` and silently skips a name that matches
+        none; here a name that matches nothing, or a module holding layers that ZeroQAT quantizes, is refused."""
+        output_embedding = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        for wanted in names:
+            matched = [(key, m) for key, m in self.model.named_modules() if key.endswith(wanted)]
+            if not matched:
+                suffixes = sorted({key.rsplit(".", 1)[-1] for key, _ in self.model.named_modules() if key})
+                raise ValueError(f"modules_to_save names {wanted!r}, which matches no module of the model: name them "
+                                 f"by suffix, e.g. one of {suffixes[:12]}")
+            for key, module in matched:
+                if any(isinstance(m, nn.Linear) and m is not output_embedding for m in module.modules()):
+                    raise ValueError(
+                        f"modules_to_save entry {wanted!r} matches {key}, which is or holds a linear layer that ZeroQAT "
+                        "quantizes: a float copy of it would not be quantized. Train quantized layers with "
+                        "trainable='full' or 'lightweight', and list only other modules (norms, say) here."
+                    )
 
     def _prepare_model(self, peft_config: ZeroQATConfig, model: nn.Module) -> None:
         if peft_config.rotate:  # before the layers are swapped: the rotation is fused into the float weights
