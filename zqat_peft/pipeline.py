@@ -39,8 +39,8 @@ import torch
 import yaml
 from peft import PeftModel, get_peft_model
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
-from peft.utils.other import set_additional_trainable_modules
 from peft.utils.error import NoMatchingPeftModuleError
+from peft.utils.other import set_additional_trainable_modules
 from safetensors import safe_open
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerState
@@ -114,7 +114,7 @@ def train_modules_to_save(model: PeftModel, wanted: Optional[list[str]], adapter
     if saved:
         raise RecipeError(f"the adapter {adapter_dir} trained the modules {sorted(saved)}, the recipe's "
                           f"quant.modules_to_save is {sorted(wanted)}: set quant.modules_to_save to the adapter's")
-    model.base_model._check_modules_to_save(wanted)
+    model.base_model.check_modules_to_save(wanted)
     config.modules_to_save = list(wanted)
     set_additional_trainable_modules(model, config, model.config, model.active_adapter)
 

@@ -145,8 +145,8 @@ def plain_linears(model: nn.Module) -> list[str]:
     """Names of the nn.Linear layers that ZeroQAT does not quantize (the output embedding included)."""
     base = base_model(model)
     inside_zqat = {id(layer.get_base_layer()) for layer in zqat_layers(model).values()}
-    names = (checkpoint_name(name) for name, m in base.named_modules() if type(m) is nn.Linear and id(m) not in inside_zqat)
-    return [name for name in names if name is not None]
+    plain = (name for name, m in base.named_modules() if type(m) is nn.Linear and id(m) not in inside_zqat)
+    return [checkpoint_name(name) for name in plain if checkpoint_name(name) is not None]
 
 
 def common_setting(layers: dict[str, QuantizedLinear], fmt: str) -> tuple[int, int, bool]:

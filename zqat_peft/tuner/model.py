@@ -104,7 +104,7 @@ class ZeroQATModel(BaseTuner):
     def _check_new_adapter_config(self, config: ZeroQATConfig) -> None:
         if len(self.peft_config) > 1:
             raise ValueError("A model can hold one ZeroQAT adapter: quantization settings do not stack.")
-        self._check_modules_to_save(config.modules_to_save or [])
+        self.check_modules_to_save(config.modules_to_save or [])
         if config.trainable == "lightweight":
             linear_names = [name for name, m in self.model.named_modules() if isinstance(m, nn.Linear)]
             if not any(config.is_trained(name) for name in linear_names):
@@ -114,7 +114,7 @@ class ZeroQATModel(BaseTuner):
                     f"would be trained: name them by suffix, one of {suffixes}."
                 )
 
-    def _check_modules_to_save(self, names: list[str]) -> None:
+    def check_modules_to_save(self, names: list[str]) -> None:
         """peft wraps every module whose name ends with one of ``names`` and silently skips a name that matches
         none; here a name that matches nothing, or a module holding layers that ZeroQAT quantizes, is refused."""
         output_embedding = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
