@@ -333,6 +333,9 @@ def test_modules_to_save_that_match_nothing_or_a_quantized_layer_are_refused():
         get_peft_model(tiny_model(), ZeroQATConfig(modules_to_save=["input_layrnorm"]))
     with pytest.raises(ValueError, match=r"'mlp' matches model.layers.0.mlp, which is or holds a linear layer"):
         get_peft_model(tiny_model(), ZeroQATConfig(modules_to_save=["mlp"]))
+    for embedding in ("lm_head", "embed_tokens"):
+        with pytest.raises(ValueError, match=rf"'{embedding}' matches .*{embedding}, which is or holds"):
+            get_peft_model(tiny_model(), ZeroQATConfig(modules_to_save=[embedding]))
 
 
 def test_trained_norms_are_trainable_saved_and_loaded(tmp_path):

@@ -88,7 +88,9 @@ def quantized_model(recipe: dict, device: str, init: str):
     """A fresh copy of the base model wrapped by ZeroQAT with the recipe's settings and ``init`` (the RTN model
     rounds to nearest whatever the recipe's rounding: GPTQ rounding happens in calibration)."""
     base, tokenizer = load_base(recipe, device)
-    changes = {"init": init, **({"rounding": "nearest"} if init == "rtn" else {})}
+    changes = {"init": init}
+    if init == "rtn":
+        changes["rounding"] = "nearest"
     return get_peft_model(base, quant_config(recipe, **changes)), tokenizer
 
 

@@ -146,7 +146,7 @@ def plain_linears(model: nn.Module) -> list[str]:
     base = base_model(model)
     inside_zqat = {id(layer.get_base_layer()) for layer in zqat_layers(model).values()}
     plain = (name for name, m in base.named_modules() if type(m) is nn.Linear and id(m) not in inside_zqat)
-    return [checkpoint_name(name) for name in plain if checkpoint_name(name) is not None]
+    return [name for name in map(checkpoint_name, plain) if name is not None]
 
 
 def common_setting(layers: dict[str, QuantizedLinear], fmt: str) -> tuple[int, int, bool]:

@@ -116,8 +116,8 @@ class ZeroQATModel(BaseTuner):
 
     def check_modules_to_save(self, names: list[str]) -> None:
         """peft wraps every module whose name ends with one of ``names`` and silently skips a name that matches
-        none; here a name that matches nothing, or a module holding layers that ZeroQAT quantizes, is refused."""
-        output_embedding = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        none; here a name that matches nothing, or a module holding a linear layer or an embedding, is refused (a
+        float copy of a quantized layer would escape quantization; a copy of a tied embedding would untie it)."""
         for wanted in names:
             matched = [(key, m) for key, m in self.model.named_modules() if key.endswith(wanted)]
             if not matched:
@@ -125,11 +125,11 @@ class ZeroQATModel(BaseTuner):
                 raise ValueError(f"modules_to_save names {wanted!r}, which matches no module of the model: name them "
                                  f"by suffix, e.g. one of {suffixes[:12]}")
             for key, module in matched:
-                if any(isinstance(m, nn.Linear) and m is not output_embedding for m in module.modules()):
+                if any(isinstance(m, (nn.Linear, nn.Embedding)) for m in module.modules()):
                     raise ValueError(
-                        f"modules_to_save entry {wanted!r} matches {key}, which is or holds a linear layer that ZeroQAT "
-                        "quantizes: a float copy of it would not be quantized. Train quantized layers with "
-                        "trainable='full' or 'lightweight', and list only other modules (norms, say) here."
+                        f"modules_to_save entry {wanted!r} matches {key}, which is or holds a linear layer or an "
+                        "embedding: list only modules such as the norms here, and train quantized layers with "
+                        "trainable='full' or 'lightweight'."
                     )
 
     def _prepare_model(self, peft_config: ZeroQATConfig, model: nn.Module) -> None:
