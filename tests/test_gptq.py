@@ -240,3 +240,51 @@ def test_gptq_rounding_searches_the_grid_with_the_hessian_only_without_learned_c
     layers = [m for m in model.modules() if isinstance(m, ZQATLinear)]
     assert len(calls) == (len(layers) if searched else 0)
     assert all(p is not None and p.shape == (layer.in_features,) for p, layer in zip(calls, layers))
+
+
+# --- scale refinement after rounding (calib_refine_epochs) ---
+
+NORMS = ["input_layernorm", "post_attention_layernorm"]
+
+
+def _refined(batches, epochs, **kw):
+    config = ZeroQATConfig(init="calibrate", rounding="gptq", calib_epochs=0, w_bits=2, group_size=32,
+                           trainable="scales", calib_refine_epochs=epochs, calib_refine_lr=3e-3, **kw)
+    return calibrate(get_peft_model(tiny_model(), config), batches, progress=False)
+
+
+def _packed_layers(model) -> dict[str, ZQATLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ZQATLinear)}
+
+
+def test_scale_refinement_keeps_the_codes_and_lowers_the_output_error(batches):
+    plain, refined = _refined(batches, 0), _refined(batches, 2)
+    assert _logit_error(refined, batches) < 0.95 * _logit_error(plain, batches)
+    for (name, a), b in zip(_packed_layers(plain).items(), _packed_layers(refined).values()):
+        if ".layers.0." in name:  # the first block rounds the same inputs either way: the same codes
+            assert torch.equal(a.zqat_qweight["default"], b.zqat_qweight["default"])
+            assert torch.equal(a.zqat_zeros["default"], b.zqat_zeros["default"])
+        assert not torch.equal(a.zqat_scales["default"], b.zqat_scales["default"])
+
+
+def test_scale_refinement_moves_the_saved_norms_only_and_they_save_and_reload(tmp_path, batches):
+    model = _refined(batches, 2, modules_to_save=NORMS)
+    base = tiny_model()
+    wrappers = [m for n, m in model.named_modules() if n.endswith(tuple(NORMS))]
+    assert len(wrappers) == 2 * len(base.model.layers)
+    for wrapper in wrappers:
+        original = wrapper.original_module.weight
+        assert torch.equal(original, base.model.layers[0].input_layernorm.weight)  # the base model's stays ones
+        assert not torch.equal(wrapper.modules_to_save["default"].weight, original)
+    assert _logit_error(model, batches) < _logit_error(_refined(batches, 2), batches)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=batches[0]).logits, model(input_ids=batches[0]).logits)
+
+
+def test_scale_refinement_needs_calibration_and_a_non_negative_count():
+    with pytest.raises(ValueError, match="needs init='calibrate'"):
+        ZeroQATConfig(calib_refine_epochs=1)
+    with pytest.raises(ValueError, match="calib_refine_epochs and calib_refine_lr must be >= 0"):
+        ZeroQATConfig(init="calibrate", calib_refine_epochs=-1)

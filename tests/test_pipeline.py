@@ -400,11 +400,13 @@ def test_the_recipe_chooses_the_estimator(tmp_path, tiny_local_model):
 
 @needs_model_and_wiki
 def test_the_rtn_stage_of_a_gptq_recipe_rounds_to_nearest(tiny_local_model):
-    # the RTN column of `zqat run` on a recipe with rounding: gptq (the W2/W3 CPU recipes) was refused
-    recipe = load_recipe(None, [f"model={tiny_local_model}",
-                                "quant={w_bits: 2, group_size: 64, trainable: scales, init: calibrate, rounding: gptq}"])
+    # the RTN column of `zqat run` on a recipe with rounding: gptq (the W2/W3 CPU recipes) was refused, and
+    # then on one with scale refinement
+    recipe = load_recipe(None, [f"model={tiny_local_model}", "quant={w_bits: 2, group_size: 64, trainable: scales, "
+                                "init: calibrate, rounding: gptq, calib_refine_epochs: 2}"])
     model, _ = pipeline.quantized_model(recipe, "cpu", "rtn")
-    assert model.peft_config["default"].rounding == "nearest" and model.peft_config["default"].init == "rtn"
+    config = model.peft_config["default"]
+    assert config.rounding == "nearest" and config.init == "rtn" and config.calib_refine_epochs == 0
 
 
 @needs_model_and_wiki

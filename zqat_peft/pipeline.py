@@ -86,11 +86,11 @@ def load_base(recipe: dict, device: str):
 
 def quantized_model(recipe: dict, device: str, init: str):
     """A fresh copy of the base model wrapped by ZeroQAT with the recipe's settings and ``init`` (the RTN model
-    rounds to nearest whatever the recipe's rounding: GPTQ rounding happens in calibration)."""
+    rounds to nearest whatever the recipe's rounding, unrefined: GPTQ and refinement happen in calibration)."""
     base, tokenizer = load_base(recipe, device)
     changes = {"init": init}
     if init == "rtn":
-        changes["rounding"] = "nearest"
+        changes.update(rounding="nearest", calib_refine_epochs=0)
     return get_peft_model(base, quant_config(recipe, **changes)), tokenizer
 
 

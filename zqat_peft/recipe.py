@@ -35,7 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANT_KEYS = (
     "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
     "trainable_modules", "init", "smooth", "calib_epochs", "calib_lr", "calib_smooth_lr", "calib_alpha",
-    "rounding", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_master", "rotate", "rotation_seed",
+    "calib_refine_epochs", "calib_refine_lr", "rounding", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_master", "rotate", "rotation_seed",
     "online_hadamard", "modules_to_save",
 )
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -101,6 +101,8 @@ RANGES: dict[str, Range] = {
     "quant.calib_lr": NON_NEGATIVE,
     "quant.calib_smooth_lr": NON_NEGATIVE,
     "quant.calib_alpha": Range(integer=False, low=0, high=1),
+    "quant.calib_refine_epochs": _count(low=0),
+    "quant.calib_refine_lr": NON_NEGATIVE,
     "quant.gptq_damp": POSITIVE,  # a fraction of the Hessian's mean diagonal
     "quant.gptq_block_size": _count(),
     "quant.rotation_seed": Range(integer=True, low=0, high=2**32 - 1),

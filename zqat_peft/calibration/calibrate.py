@@ -6,7 +6,8 @@ quantization, a smoothing scale s per group of layers that share an input, initi
 SmoothQuant-style from activation maxima) are trained with Adam to minimise the MSE between the
 quantized block's output and that target. Then s is folded into the master weights, with
 ``rounding="gptq"`` each layer is rounded by GPTQ on that grid (`rounding.py`; with ``calib_epochs=0`` on the
-grid searched by input-weighted error, `clipping.py`), frozen layers are packed,
+grid searched by input-weighted error, `clipping.py`), frozen layers are packed, with
+``calib_refine_epochs`` their scales (and the block's saved norms) are refined on the codes (`refine.py`),
 and the quantized block's outputs become the next block's inputs. Peak memory is one block plus the
 cached hidden states of the calibration set. Targeted layers outside the blocks (OPT's project_in /
 project_out) get the clipping grid's best start only, and are packed if frozen, so a calibrated model
@@ -26,6 +27,7 @@ from ..tuner.config import ZeroQATConfig
 from ..tuner.layer import ZQATLinear
 from .blocks import BlockInput, capture_first_block_inputs, find_decoder_blocks, move_input, run_block
 from .clipping import init_clipping
+from .refine import refine_block
 from .rounding import gptq_round_block
 
 def calibrate(
@@ -60,14 +62,16 @@ def calibrate(
         block.to(device)
         layers = [m for m in block.modules() if isinstance(m, ZQATLinear)]
         dtype = next(block.parameters()).dtype
-        with _full_precision(layers), torch.no_grad():  # the targets of learned clipping: none without epochs
-            targets = [run_block(block, inp, dtype).float() for inp in inputs] if epochs else []
+        with _full_precision(layers), torch.no_grad():  # the targets of learned clipping and of refinement
+            needed = epochs or config.calib_refine_epochs
+            targets = [run_block(block, inp, dtype).float() for inp in inputs] if needed else []
         calibrate_block(block, layers, inputs, targets, adapter, config, epochs, lr, smooth_lr)
         if config.rounding == "gptq":
             gptq_round_block(block, layers, inputs, adapter, config)
         for layer in layers:
             if not layer.is_trained(adapter):
                 layer.pack(adapter)
+        refine_block(block, layers, inputs, targets, adapter, config.calib_refine_epochs, config.calib_refine_lr)
         with torch.no_grad():
             inputs = [BlockInput(run_block(block, inp, dtype).float(), inp.kwargs) for inp in inputs]
         block.to(home)

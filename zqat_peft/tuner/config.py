@@ -101,6 +101,14 @@ class ZeroQATConfig(PeftConfig):
     calib_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the clipping logits in calibration."})
     calib_smooth_lr: float = field(default=5e-3, metadata={"help": "Learning rate of the smoothing scales."})
     calib_alpha: float = field(default=0.5, metadata={"help": "SmoothQuant migration strength of the initial scales."})
+    calib_refine_epochs: int = field(
+        default=0,
+        metadata={"help": "After rounding: epochs of Adam on the packed layers' per-group scales (codes kept) and the "
+                          "block's modules_to_save norms, against the block's full-precision output (0: none)."},
+    )
+    calib_refine_lr: float = field(
+        default=1e-3, metadata={"help": "Learning rate of scale refinement, a relative step (p0 * (1 + d))."}
+    )
     calibrated: bool = field(
         default=False, metadata={"help": "Set by zqat_peft.calibrate once calibration has run; not set by hand."}
     )
@@ -167,6 +175,11 @@ class ZeroQATConfig(PeftConfig):
             raise ValueError("rounding='gptq' rounds on calibration inputs: it needs init='calibrate'.")
         if self.gptq_master not in GPTQ_MASTERS:
             raise ValueError(f"gptq_master must be one of {GPTQ_MASTERS}, got {self.gptq_master!r}.")
+        if self.calib_refine_epochs < 0 or self.calib_refine_lr < 0:
+            raise ValueError(f"calib_refine_epochs and calib_refine_lr must be >= 0, got {self.calib_refine_epochs} and "
+                             f"{self.calib_refine_lr}.")
+        if self.calib_refine_epochs and self.init != "calibrate":
+            raise ValueError("calib_refine_epochs refines scales on calibration inputs: it needs init='calibrate'.")
         if self.gptq_damp < 0 or self.gptq_block_size < 1:
             raise ValueError(f"gptq_damp must be >= 0 and gptq_block_size >= 1, got {self.gptq_damp} and "
                              f"{self.gptq_block_size}.")
