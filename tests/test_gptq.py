@@ -288,3 +288,5 @@ def test_scale_refinement_needs_calibration_and_a_non_negative_count():
         ZeroQATConfig(calib_refine_epochs=1)
     with pytest.raises(ValueError, match="calib_refine_epochs and calib_refine_lr must be >= 0"):
         ZeroQATConfig(init="calibrate", calib_refine_epochs=-1)
+    with pytest.raises(ValueError, match="trainable='full' packs none"):
+        ZeroQATConfig(init="calibrate", calib_refine_epochs=1, trainable="full")
