@@ -84,6 +84,8 @@ OUT_OF_RANGE = {
     "quant.calib_lr": (-0.01, "a number >= 0"),
     "quant.calib_smooth_lr": (-1, "a number >= 0"),
     "quant.calib_alpha": (1.5, "a number in [0, 1]"),
+    "quant.calib_refine_epochs": (-1, "an integer >= 0"),
+    "quant.calib_refine_lr": (-0.01, "a number >= 0"),
     "quant.gptq_damp": (0, "a number > 0"),
     "quant.gptq_block_size": (0, "an integer >= 1"),
     "quant.rotation_seed": (-1, "an integer in [0, 4294967295]"),
