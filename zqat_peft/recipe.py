@@ -35,8 +35,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANT_KEYS = (
     "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
     "trainable_modules", "init", "smooth", "calib_epochs", "calib_lr", "calib_smooth_lr", "calib_alpha",
-    "calib_refine_epochs", "calib_refine_lr", "rounding", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_master", "rotate", "rotation_seed",
-    "online_hadamard", "modules_to_save",
+    "calib_refine_epochs", "calib_refine_lr", "rounding", "gptq_damp", "gptq_block_size", "gptq_act_order",
+    "gptq_master", "rotate", "rotation_seed", "online_hadamard", "modules_to_save",
 )
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 

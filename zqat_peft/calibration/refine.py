@@ -36,7 +36,7 @@ def refine_block(
     tensors = _refined_tensors(block, layers, adapter)
     if not tensors or not epochs:
         return
-    deltas = [torch.zeros_like(getattr(holder, "_parameters")[name], requires_grad=True) for holder, name in tensors]
+    deltas = [torch.zeros_like(holder._parameters[name], requires_grad=True) for holder, name in tensors]
     optimizer = torch.optim.Adam(deltas, lr=lr)
     dtype = next(block.parameters()).dtype
     for _ in range(epochs):
