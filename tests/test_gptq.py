@@ -248,8 +248,9 @@ NORMS = ["input_layernorm", "post_attention_layernorm"]
 
 
 def _refined(batches, epochs, **kw):
-    config = ZeroQATConfig(init="calibrate", rounding="gptq", calib_epochs=0, w_bits=2, group_size=32,
-                           trainable="scales", calib_refine_epochs=epochs, calib_refine_lr=3e-3, **kw)
+    settings = dict(w_bits=2, group_size=32, trainable="scales") | kw
+    config = ZeroQATConfig(init="calibrate", rounding="gptq", calib_epochs=0, calib_refine_epochs=epochs,
+                           calib_refine_lr=3e-3, **settings)
     return calibrate(get_peft_model(tiny_model(), config), batches, progress=False)
 
 
@@ -265,6 +266,13 @@ def test_scale_refinement_keeps_the_codes_and_lowers_the_output_error(batches):
             assert torch.equal(a.zqat_qweight["default"], b.zqat_qweight["default"])
             assert torch.equal(a.zqat_zeros["default"], b.zqat_zeros["default"])
         assert not torch.equal(a.zqat_scales["default"], b.zqat_scales["default"])
+
+
+def test_scale_refinement_lowers_the_output_error_with_quantized_activations(batches):
+    # W4A4 per-channel: the block output the refinement fits is the one computed with 4-bit activations
+    w4a4 = dict(w_bits=4, a_bits=4, group_size=-1)
+    plain, refined = _refined(batches, 0, **w4a4), _refined(batches, 2, **w4a4)
+    assert _logit_error(refined, batches) < 0.95 * _logit_error(plain, batches)
 
 
 def test_scale_refinement_moves_the_saved_norms_only_and_they_save_and_reload(tmp_path, batches):
