@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from zqat_peft.evaluation import token_windows
-from zqat_peft.pipeline import corpus_tokens, load_adapter, pick_device
-from zqat_peft.recipe import load_recipe
+from zqat_peft.pipeline import alternating_windows, load_adapter, pick_device
+from zqat_peft.recipe import load_recipe, train_corpora
 from zqat_peft.zo.estimator import projected_gradient, spsa_losses, step_seeds
 from zqat_peft.zo.perturbation import zo_parameters
 
@@ -54,7 +53,7 @@ def measure(recipe: dict, adapter: str, eps_list: list[float], n_dirs: int, batc
             device: str) -> list[dict]:
     model, tokenizer = load_adapter(recipe, adapter, device, trainable=True)
     model.eval()
-    windows = token_windows(corpus_tokens(tokenizer, recipe["train"]["data"], "train"), seq_len, 2 * batch)
+    windows = alternating_windows(tokenizer, train_corpora(recipe), "train", seq_len, 2 * batch)
     batches = {"A": windows[:batch].to(device), "B": windows[batch:].to(device)}
     seeds = [step_seeds(recipe["seed"], i, 1)[0] for i in range(n_dirs)]
     g = {(name, eps): projected_gradients(model, b, seeds, eps) for eps in eps_list for name, b in batches.items()}

@@ -15,7 +15,7 @@ import yaml
 
 from zqat_peft import ZOTrainer, ZOTrainingArguments, cli, finetune, pipeline
 from zqat_peft.recipe import (RecipeError, changed_keys, default_recipe, load_recipe, output_dir, quant_config,
-                              required_assets)
+                              required_assets, text_sources)
 from zqat_peft.report import STAGES, metrics_table, report
 
 from .conftest import tiny_model
@@ -632,3 +632,31 @@ def test_end_to_end_on_the_real_model(tmp_path):
     loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
     again = pipeline.evaluate(loaded, tokenizer, recipe, pipeline.prepare_eval_data(recipe, tokenizer))
     assert again["wiki_ppl"] == pytest.approx(metrics["zeroqat"]["wiki_ppl"], rel=1e-6)
+
+
+def test_training_on_several_corpora_alternates_their_windows(tiny_local_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_local_model)
+    corpora = []
+    for word in ("alpha", "omega"):
+        path = tmp_path / f"{word}.txt"
+        path.write_text("\n".join(f"{word} {word} {word} line {i}" for i in range(400)) + "\n")
+        corpora.append(str(path))
+    recipe = load_recipe(None, [f"model={tiny_local_model}", f"train.data=[{corpora[0]}, {corpora[1]}]",
+                                "train={seq_len: 16, batch_size: 2, steps: 3, eval_steps: 3, eval_windows: 4}",
+                                "eval={corpora: {wiki: wiki}, seq_len: 16, max_windows: 1}"])
+    assert [s for s in text_sources(recipe) if s != "wiki"] == corpora
+    windows = pipeline.alternating_windows(tokenizer, recipe["train"]["data"], "train", 16, 5)
+    alpha, omega = (tokenizer(w).input_ids[-1] for w in (" alpha", " omega"))
+    from_alpha = [(w == alpha).any().item() and not (w == omega).any().item() for w in windows]
+    assert windows.shape == (5, 16) and from_alpha == [True, False, True, False, True]
+    data = pipeline.prepare_data(recipe, tokenizer)
+    assert len(data["validation"]) == 4
+    assert [(w["input_ids"] == alpha).any().item() for w in data["validation"]] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("data", ["[]", "[wiki, 3]", "''"])
+def test_train_data_that_names_no_corpus_is_refused(data):
+    with pytest.raises(RecipeError, match="train.data must be a corpus name or a non-empty list"):
+        load_recipe(None, [f"train.data={data}"])

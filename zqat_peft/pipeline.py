@@ -52,7 +52,7 @@ from .data import load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
 from .files import check_file, read_mapping
 from .recipe import (DTYPES, RecipeError, calibrates, changed_keys, check_adapter_folder, check_sources, output_dir,
-                     quant_config)
+                     quant_config, train_corpora)
 from .report import format_value, loss_figure, report
 from .zo import DivergenceGuard, ZOTrainer, ZOTrainingArguments
 
@@ -160,6 +160,17 @@ def corpus_tokens(tokenizer, source: str, split: str) -> torch.Tensor:
         raise AssetError(f"cannot load the corpus {source!r}: {_one_line(e)}") from e
 
 
+def alternating_windows(tokenizer, corpora: list[str], split: str, seq_len: int,
+                        max_windows: Optional[int]) -> torch.Tensor:
+    """[n, seq_len] windows of one corpus, or of several taken in turn (window i from corpora[i % k]) so that
+    every batch mixes them. Each corpus gives the same number, ceil(max_windows / k), or as many as the
+    shortest has; the first max_windows are returned."""
+    per_corpus = None if max_windows is None else -(-max_windows // len(corpora))
+    parts = [token_windows(corpus_tokens(tokenizer, c, split), seq_len, per_corpus) for c in corpora]
+    n = min(len(p) for p in parts)
+    return torch.stack([p[:n] for p in parts], dim=1).reshape(n * len(parts), seq_len)[:max_windows]
+
+
 def eval_windows(recipe: dict, tokenizer) -> dict[str, torch.Tensor]:
     """The fixed perplexity windows of each evaluation corpus; optional corpora that cannot be had are
     skipped with a message (wiki is required)."""
@@ -229,10 +240,11 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
         n = t["max_windows"]
         if n is None and t["loss"] == "distill":
             n = t["steps"] * t["batch_size"]
-        data["train"] = TokenWindows(token_windows(corpus_tokens(tokenizer, t["data"], "train"), t["seq_len"], n))
+        corpora = train_corpora(recipe)
+        data["train"] = TokenWindows(alternating_windows(tokenizer, corpora, "train", t["seq_len"], n))
         if t["eval_steps"]:
-            held_out = corpus_tokens(tokenizer, t["data"], "validation")
-            data["validation"] = TokenWindows(token_windows(held_out, t["seq_len"], t["eval_windows"]))
+            held_out = alternating_windows(tokenizer, corpora, "validation", t["seq_len"], t["eval_windows"])
+            data["validation"] = TokenWindows(held_out)
         data["collator"] = None  # transformers' default: the windows have one length
     return data
 

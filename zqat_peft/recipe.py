@@ -163,6 +163,8 @@ def default_recipe() -> dict:
             # (grad_clip applies to this one only)
             "step": "relative",
             "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
+            # data: a corpus, or a list of corpora whose windows alternate (one from each in turn, as many from
+            # each): training on several domains keeps a gain from being a fit to one corpus
             # "two_point": L(p + eps z) - L(p - eps z), 2 forwards per query; "one_sided": L(p + eps z) - L(p),
             # the step's num_queries probes sharing one unperturbed forward (num_queries + 1 forwards)
             "estimator": "two_point",
@@ -175,7 +177,7 @@ def default_recipe() -> dict:
             # next-token distribution on the same windows (zqat_peft.distill), which keeps the model close to
             # what it was rather than fitting train.data
             "loss": "ce",
-            # the first max_windows windows of train.data's train split; null: all of them ("distill": the
+            # the first max_windows windows of train.data's train split (a list: of the alternating windows); null: all of them ("distill": the
             # steps * batch_size windows one pass visits, since each needs a full-precision forward first)
             "max_windows": None,
             # Every eval_steps steps, the loss on held-out data (the first eval_windows windows of train.data's
@@ -280,6 +282,9 @@ def check_recipe(recipe: dict) -> None:
     if not isinstance(t["scheduler_kwargs"], dict):
         raise RecipeError("train.scheduler_kwargs must be a mapping of the scheduler's arguments, e.g. "
                           f"{{num_decay_steps: 100}}; got {t['scheduler_kwargs']!r}")
+    if not train_corpora(recipe) or not all(isinstance(c, str) and c for c in train_corpora(recipe)):
+        raise RecipeError(f"train.data must be a corpus name or a non-empty list of them, e.g. wiki or [wiki, austen]; "
+                          f"got {t['data']!r}")
     if t["step"] not in ZO_STEPS:
         raise RecipeError(f"train.step must be one of {ZO_STEPS}, got {t['step']!r}")
     if t["estimator"] not in ZO_ESTIMATORS:
@@ -394,12 +399,18 @@ def required_assets(recipe: dict) -> list[str]:
     return [a for a in ASSETS if a in names] + sorted(names - set(ASSETS))  # then a model fetched on demand
 
 
+def train_corpora(recipe: dict) -> list[str]:
+    """train.data as a list: one corpus, or the corpora whose windows alternate."""
+    data = recipe["train"]["data"]
+    return list(data) if isinstance(data, (list, tuple)) else [data]
+
+
 def text_sources(recipe: dict) -> list[str]:
     """The corpora the job reads: the evaluation corpora, the training data (language modelling) and the
     calibration data (when it calibrates)."""
     sources = list(recipe["eval"]["corpora"].values())
     if recipe["task"] is None:
-        sources.append(recipe["train"]["data"])
+        sources += train_corpora(recipe)
     if calibrates(recipe):
         sources.append(recipe["calibration"]["data"])
     return sources
