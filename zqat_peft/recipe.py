@@ -162,9 +162,9 @@ def default_recipe() -> dict:
             # divided by its running RMS, so one lr carries over to other models; "absolute": p -= lr * g * z
             # (grad_clip applies to this one only)
             "step": "relative",
-            "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
             # data: a corpus, or a list of corpora whose windows alternate (one from each in turn, as many from
-            # each): training on several domains keeps a gain from being a fit to one corpus
+            # each), so that a gain is less a fit to one corpus
+            "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
             # "two_point": L(p + eps z) - L(p - eps z), 2 forwards per query; "one_sided": L(p + eps z) - L(p),
             # the step's num_queries probes sharing one unperturbed forward (num_queries + 1 forwards)
             "estimator": "two_point",
@@ -177,8 +177,9 @@ def default_recipe() -> dict:
             # next-token distribution on the same windows (zqat_peft.distill), which keeps the model close to
             # what it was rather than fitting train.data
             "loss": "ce",
-            # the first max_windows windows of train.data's train split (a list: of the alternating windows); null: all of them ("distill": the
-            # steps * batch_size windows one pass visits, since each needs a full-precision forward first)
+            # the first max_windows windows of train.data's train split (of a list: of its alternating windows);
+            # null: all of them ("distill": the steps * batch_size windows one pass visits, since each needs a
+            # full-precision forward first)
             "max_windows": None,
             # Every eval_steps steps, the loss on held-out data (the first eval_windows windows of train.data's
             # validation split; BoolQ: the validation questions); the best checkpoint is the result. null: off.
@@ -283,8 +284,8 @@ def check_recipe(recipe: dict) -> None:
         raise RecipeError("train.scheduler_kwargs must be a mapping of the scheduler's arguments, e.g. "
                           f"{{num_decay_steps: 100}}; got {t['scheduler_kwargs']!r}")
     if not train_corpora(recipe) or not all(isinstance(c, str) and c for c in train_corpora(recipe)):
-        raise RecipeError(f"train.data must be a corpus name or a non-empty list of them, e.g. wiki or [wiki, austen]; "
-                          f"got {t['data']!r}")
+        raise RecipeError("train.data must be a corpus name or a non-empty list of them, e.g. wiki or "
+                          f"[wiki, austen]; got {t['data']!r}")
     if t["step"] not in ZO_STEPS:
         raise RecipeError(f"train.step must be one of {ZO_STEPS}, got {t['step']!r}")
     if t["estimator"] not in ZO_ESTIMATORS:
