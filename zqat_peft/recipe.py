@@ -283,7 +283,8 @@ def check_recipe(recipe: dict) -> None:
     if not isinstance(t["scheduler_kwargs"], dict):
         raise RecipeError("train.scheduler_kwargs must be a mapping of the scheduler's arguments, e.g. "
                           f"{{num_decay_steps: 100}}; got {t['scheduler_kwargs']!r}")
-    if not train_corpora(recipe) or not all(isinstance(c, str) and c for c in train_corpora(recipe)):
+    corpora = train_corpora(recipe)
+    if not corpora or not all(isinstance(c, str) and c for c in corpora):
         raise RecipeError("train.data must be a corpus name or a non-empty list of them, e.g. wiki or "
                           f"[wiki, austen]; got {t['data']!r}")
     if t["step"] not in ZO_STEPS:
