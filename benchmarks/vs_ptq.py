@@ -206,6 +206,7 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
     fp, tokenizer = load_model_and_tokenizer(args.model)
     data = pipeline.prepare_data(recipe, tokenizer)
     if recipe["train"]["loss"] == "distill":
+        pipeline.add_generated_windows(fp, tokenizer, recipe, data)
         add_teacher_kept(args, fp, recipe, data)
     del fp
     init_name = ZEROQAT_INIT[name]

@@ -32,8 +32,8 @@ import torch
 import yaml
 
 from zqat_peft import calibrate
-from zqat_peft.pipeline import (add_teacher, evaluate, load_adapter, load_base, pick_device, prepare_data,
-                               quantized_model, save_adapter, train, write_text)
+from zqat_peft.pipeline import (add_generated_windows, add_teacher, evaluate, load_adapter, load_base, pick_device,
+                               prepare_data, quantized_model, save_adapter, train, write_text)
 from zqat_peft.recipe import calibrates, load_recipe
 
 
@@ -59,6 +59,7 @@ def main() -> None:
     if recipe["train"]["loss"] == "distill":
         fp_model, tokenizer = load_base(recipe, device)
         data = prepare_data(recipe, tokenizer)
+        add_generated_windows(fp_model, tokenizer, recipe, data)
         add_teacher(fp_model, recipe, data)
         del fp_model
     if recipe["start_from"]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zqat_peft.distill import TeacherWindows, distillation_loss, teacher_top_k
+from zqat_peft.distill import TeacherWindows, distillation_loss, sampled_windows, teacher_top_k
 
 from .conftest import tiny_model
 
@@ -57,3 +57,24 @@ def test_teacher_top_k_is_the_models_most_likely_next_tokens():
         TeacherWindows(windows[:4], ids, logprobs)
     with pytest.raises(ValueError, match="k must be at least 1"):
         teacher_top_k(model, windows, k=0)
+
+
+def test_sampled_windows_are_drawn_from_the_models_next_token_distribution():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # a peaked distribution: sampling, greedy and uniform draws differ clearly
+    state = torch.random.get_rng_state()
+    windows = sampled_windows(model, 400, 3, start_ids=[7, 9], seed=0, batch_size=100)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is left alone
+    assert windows.shape == (400, 3) and windows.dtype == torch.int64
+    assert set(windows[:, 0].tolist()) == {7, 9}
+    assert torch.equal(windows, sampled_windows(model, 400, 3, start_ids=[7, 9], seed=0, batch_size=100))
+    assert not torch.equal(windows, sampled_windows(model, 400, 3, start_ids=[7, 9], seed=1, batch_size=100))
+    with torch.no_grad():
+        log_p = model(input_ids=windows[:, :1]).logits[:, -1].log_softmax(-1)
+    drawn = log_p.gather(-1, windows[:, 1:2]).squeeze(-1)  # log p of each sampled second token
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    # a draw from p has E[log p(x)] = -H(p); greedy draws would sit above, uniform ones far below
+    mean, expected = drawn.mean().item(), -entropy.mean().item()
+    assert mean == pytest.approx(expected, abs=3 * drawn.std().item() / 20)  # 3 standard errors of 400 draws
+    assert log_p.max(-1).values.mean() - mean > 0.3 and mean - log_p.mean() > 1.0

@@ -660,3 +660,38 @@ def test_training_on_several_corpora_alternates_their_windows(tiny_local_model, 
 def test_train_data_that_names_no_corpus_is_refused(data):
     with pytest.raises(RecipeError, match="train.data must be a corpus name or a non-empty list"):
         load_recipe(None, [f"train.data={data}"])
+
+
+@pytest.mark.parametrize("data, loss", [("generated", "ce"), ("[wiki, generated]", "distill")])
+def test_generated_training_data_without_distillation_or_in_a_list_is_refused(data, loss):
+    with pytest.raises(RecipeError, match="train.data: generated .* needs train.loss: distill .* alone"):
+        load_recipe(None, [f"train.data={data}", f"train.loss={loss}"])
+
+
+def test_generated_training_data_is_sampled_from_the_full_precision_model(tiny_local_model, tmp_path):
+    from zqat_peft.distill import TeacherWindows
+
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", f"output_dir={tmp_path / 'run'}", "train.data=generated",
+        "quant={w_bits: 4, group_size: 64, trainable: scales, init: rtn}",
+        "train={loss: distill, steps: 3, batch_size: 2, seq_len: 16, logging_steps: 1, eval_steps: 3, eval_windows: 4}",
+        "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
+    ])
+    assert "generated" not in text_sources(recipe)  # not a corpus to fetch
+    fp_model, tokenizer = pipeline.load_base(recipe, "cpu")
+    data = pipeline.prepare_data(recipe, tokenizer)
+    assert "train" not in data and "validation" not in data
+    model, _ = pipeline.quantized_model(recipe, "cpu", "rtn")
+    with pytest.raises(ValueError, match="call add_generated_windows"):
+        pipeline.train(model, recipe, data, tmp_path / "trainer", "cpu")
+    pipeline.add_generated_windows(fp_model, tokenizer, recipe, data)
+    train, held_out = data["train"].windows, data["validation"].windows
+    assert train.shape == (3 * 2, 16) and held_out.shape == (4, 16)
+    assert not set(train[:, 0].tolist()) & set(tokenizer.all_special_ids)
+    assert not any(torch.equal(w, h) for w in train for h in held_out)  # the held-out windows: another seed
+    pipeline.add_teacher(fp_model, recipe, data)
+    assert isinstance(data["train"], TeacherWindows)
+    history = pipeline.train(model, recipe, data, tmp_path / "trainer", "cpu")
+    assert [e["step"] for e in history if "eval_loss" in e] == [0, 3]
+    report_text = (Path(pipeline.run(recipe)["output_dir"]) / "report.md").read_text()
+    assert "tokens of text sampled from the full-precision model" in report_text

@@ -6,6 +6,8 @@ full-precision model itself: its top-k next-token probabilities at every positio
 window, computed once before quantization and kept as small tensors (k ids + k log-probabilities per
 position), so the full-precision weights need not stay in memory while training.
 
+- ``sampled_windows``: windows of text sampled from the full-precision model itself (LLM-QAT's data-free
+  distillation): training on the model's own distribution rather than one corpus's.
 - ``teacher_top_k``: the full-precision model's top-k tokens and log-probabilities for a set of windows.
 - ``TeacherWindows``: token windows with those targets, as training / held-out examples.
 - ``distillation_loss``: KL between the teacher's and the model's distributions over k + 1 outcomes: each of
@@ -15,15 +17,39 @@ position), so the full-precision weights need not stay in memory while training.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from .zo import ZOTrainer
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
 TOP_K = 32  # SmolLM2-135M puts 84% of its next-token mass on its top 32 tokens on wiki (top 8: 72%, top 128: 91%)
+
+
+@torch.no_grad()
+def sampled_windows(model: nn.Module, n: int, seq_len: int, start_ids: Sequence[int], seed: int,
+                    batch_size: int = 32) -> torch.Tensor:
+    """[n, seq_len] token windows (int64) sampled from ``model``: each starts with a token drawn uniformly from
+    ``start_ids`` and goes on with tokens drawn from the model's full next-token distribution (temperature 1,
+    no top-k or top-p), as LLM-QAT generates its distillation data. End-of-text tokens are not drawn (every
+    window is seq_len long). The same seed and batch_size give the same windows on the same machine and thread
+    count; the global random state is left as it was."""
+    if n < 1 or seq_len < 2 or not start_ids:
+        raise ValueError(f"need n >= 1, seq_len >= 2 and some start tokens; got {n}, {seq_len}, {len(start_ids)}")
+    device = next(model.parameters()).device
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                              min_new_tokens=seq_len - 1, eos_token_id=model.config.eos_token_id,
+                              pad_token_id=model.config.eos_token_id)
+    starts = torch.as_tensor(list(start_ids))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        first = starts[torch.randint(len(starts), (n, 1))]
+        windows = [model.generate(input_ids=batch.to(device), attention_mask=torch.ones_like(batch).to(device),
+                                  generation_config=config).cpu() for batch in first.split(batch_size)]
+    return torch.cat(windows)
 
 
 @torch.no_grad()

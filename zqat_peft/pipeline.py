@@ -51,8 +51,8 @@ from .calibration import calibrate, calibration_batches
 from .data import load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
 from .files import check_file, read_mapping
-from .recipe import (DTYPES, RecipeError, calibrates, changed_keys, check_adapter_folder, check_sources, output_dir,
-                     quant_config, train_corpora)
+from .recipe import (DTYPES, GENERATED, RecipeError, calibrates, changed_keys, check_adapter_folder, check_sources,
+                     output_dir, quant_config, train_corpora)
 from .report import format_value, loss_figure, report
 from .zo import DivergenceGuard, ZOTrainer, ZOTrainingArguments
 
@@ -237,16 +237,41 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
             answers = finetune.answer_tokens(data["test"], data["train"] + data.get("validation", []))
             data["loss"] = finetune.ChoiceLoss(answers)
     else:
-        n = t["max_windows"]
-        if n is None and t["loss"] == "distill":
-            n = t["steps"] * t["batch_size"]
-        corpora = train_corpora(recipe)
-        data["train"] = TokenWindows(alternating_windows(tokenizer, corpora, "train", t["seq_len"], n))
-        if t["eval_steps"]:
-            held_out = alternating_windows(tokenizer, corpora, "validation", t["seq_len"], t["eval_windows"])
-            data["validation"] = TokenWindows(held_out)
+        if t["data"] != GENERATED:  # generated windows need the full-precision model: add_generated_windows
+            corpora = train_corpora(recipe)
+            windows = alternating_windows(tokenizer, corpora, "train", t["seq_len"], train_windows(t))
+            data["train"] = TokenWindows(windows)
+            if t["eval_steps"]:
+                held_out = alternating_windows(tokenizer, corpora, "validation", t["seq_len"], t["eval_windows"])
+                data["validation"] = TokenWindows(held_out)
         data["collator"] = None  # transformers' default: the windows have one length
     return data
+
+
+def train_windows(train: dict) -> Optional[int]:
+    """How many training windows a language-modelling run reads: max_windows, or with distillation the
+    steps * batch_size one pass visits (each needs a full-precision forward first); None: all."""
+    if train["max_windows"] is None and train["loss"] == "distill":
+        return train["steps"] * train["batch_size"]
+    return train["max_windows"]
+
+
+def add_generated_windows(fp_model, tokenizer, recipe: dict, data: dict) -> None:
+    """For ``train.data: generated``: training (and held-out) windows sampled from the full-precision model,
+    each starting from a random non-special token; the held-out ones from the next seed. Run before
+    ``add_teacher``; nothing to do for a corpus."""
+    t = recipe["train"]
+    if recipe["task"] is not None or t["data"] != GENERATED:
+        return
+    starts = sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids))
+
+    def sample(n: int, seed: int) -> TokenWindows:
+        return TokenWindows(distill.sampled_windows(fp_model, n, t["seq_len"], starts, seed))
+
+    data["train"] = sample(train_windows(t), recipe["seed"])
+    if t["eval_steps"]:
+        data["validation"] = sample(t["eval_windows"], recipe["seed"] + 1)
+    _log(f"  sampled {len(data['train'])} training windows of {t['seq_len']} tokens from the full-precision model")
 
 
 def add_teacher(fp_model, recipe: dict, data: dict) -> None:
@@ -334,9 +359,10 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
     guard = DivergenceGuard(keep_start=not every)
     trainer_class = ZOTrainer
     if t["loss"] == "distill":
-        if not isinstance(data["train"], distill.TeacherWindows):
-            raise ValueError("train.loss=distill needs the teacher's targets: call add_teacher(fp_model, recipe, "
-                             "data) with the full-precision model before training")
+        if not isinstance(data.get("train"), distill.TeacherWindows):
+            generate = "add_generated_windows(fp_model, tokenizer, recipe, data) and " if t["data"] == GENERATED else ""
+            raise ValueError(f"train.loss=distill needs the teacher's targets: call {generate}add_teacher(fp_model, "
+                             "recipe, data) with the full-precision model before training")
         trainer_class = distill.DistillZOTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
                             eval_dataset=data.get("validation"),  # present only with eval_steps
@@ -397,6 +423,7 @@ def run(recipe: dict, resume: bool = False) -> dict[str, Any]:
             metrics["fp"] = evaluate(model, tokenizer, recipe, data)
     if history is None and recipe["train"]["loss"] == "distill":
         with _timed("teacher", timings):
+            add_generated_windows(model, tokenizer, recipe, data)
             add_teacher(model, recipe, data)
     if needs_fp:
         del model  # before the next model is made: one model in memory at a time

@@ -31,6 +31,7 @@ SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
 TASKS = ("boolq",)
 FINETUNE_LOSSES = ("lm", "choices")
 TRAIN_LOSSES = ("ce", "distill")
+GENERATED = "generated"  # train.data: text sampled from the full-precision model, not a corpus
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_KEYS = (
     "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
@@ -163,7 +164,8 @@ def default_recipe() -> dict:
             # (grad_clip applies to this one only)
             "step": "relative",
             # data: a corpus, or a list of corpora whose windows alternate (one from each in turn, as many from
-            # each), so that a gain is less a fit to one corpus
+            # each), so that a gain is less a fit to one corpus; or "generated": windows sampled from the
+            # full-precision model itself, seeded by `seed` (distillation only: zqat_peft.distill.sampled_windows)
             "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
             # "two_point": L(p + eps z) - L(p - eps z), 2 forwards per query; "one_sided": L(p + eps z) - L(p),
             # the step's num_queries probes sharing one unperturbed forward (num_queries + 1 forwards)
@@ -287,6 +289,10 @@ def check_recipe(recipe: dict) -> None:
     if not corpora or not all(isinstance(c, str) and c for c in corpora):
         raise RecipeError("train.data must be a corpus name or a non-empty list of them, e.g. wiki or "
                           f"[wiki, austen]; got {t['data']!r}")
+    if GENERATED in corpora and (corpora != [GENERATED] or t["loss"] != "distill"):
+        raise RecipeError(f"train.data: {GENERATED} trains on text sampled from the full-precision model and needs "
+                          f"train.loss: distill (the model's own targets), alone, not in a list; got train.data "
+                          f"{t['data']!r} with train.loss {t['loss']!r}")
     if t["step"] not in ZO_STEPS:
         raise RecipeError(f"train.step must be one of {ZO_STEPS}, got {t['step']!r}")
     if t["estimator"] not in ZO_ESTIMATORS:
@@ -412,7 +418,7 @@ def text_sources(recipe: dict) -> list[str]:
     calibration data (when it calibrates)."""
     sources = list(recipe["eval"]["corpora"].values())
     if recipe["task"] is None:
-        sources += train_corpora(recipe)
+        sources += [c for c in train_corpora(recipe) if c != GENERATED]
     if calibrates(recipe):
         sources.append(recipe["calibration"]["data"])
     return sources

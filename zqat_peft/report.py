@@ -8,7 +8,7 @@ from typing import Optional
 import yaml
 
 from .distill import TOP_K
-from .recipe import train_corpora
+from .recipe import GENERATED, train_corpora
 
 STAGES = ("fp", "rtn", "init", "zeroqat")  # the columns of the metrics table, in the order a run makes them
 
@@ -70,7 +70,10 @@ def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
     bits = f"W{q['w_bits']}A{q['a_bits']}" + (f"KV{q['kv_bits']}" if q["kv_bits"] < 16 else "")
     steps = f"{t['steps']} ZO steps at batch {t['batch_size']}"
     if recipe["task"] is None:
-        steps += f" x {t['seq_len']} tokens of {' and '.join(train_corpora(recipe))}"
+        text = " and ".join(train_corpora(recipe))
+        if t["data"] == GENERATED:
+            text = "text sampled from the full-precision model"
+        steps += f" x {t['seq_len']} tokens of {text}"
         if t["loss"] == "distill":
             steps += f" (loss: KL to the full-precision model's top-{TOP_K} next tokens)"
     ev = recipe["eval"]
