@@ -57,7 +57,7 @@ from zqat_peft.data import load_model_and_tokenizer, load_text
 from zqat_peft.data.assets import resolve_model_path
 from zqat_peft.evaluation import encode_joined, perplexity, token_windows
 from zqat_peft.quant import fake_quantize_activation
-from zqat_peft.recipe import load_recipe
+from zqat_peft.recipe import GENERATED, load_recipe
 
 # name -> (the CPU recipe whose quantization settings and training the setting's rows use, overrides)
 RECIPES = {
@@ -206,7 +206,7 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
     fp, tokenizer = load_model_and_tokenizer(args.model)
     data = pipeline.prepare_data(recipe, tokenizer)
     if recipe["train"]["loss"] == "distill":
-        pipeline.add_generated_windows(fp, tokenizer, recipe, data)
+        add_generated_windows_kept(args, fp, tokenizer, recipe, data)
         add_teacher_kept(args, fp, recipe, data)
     del fp
     init_name = ZEROQAT_INIT[name]
@@ -226,6 +226,23 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
     row.update({f"{c}_ppl": perplexity(model, w) for c, w in windows.items()})
     row["lr"], row["step"], row["loss"] = recipe["train"]["lr"], recipe["train"]["step"], recipe["train"]["loss"]
     return row
+
+
+def add_generated_windows_kept(args, fp: nn.Module, tokenizer, recipe: dict, data: dict) -> None:
+    """pipeline.add_generated_windows (``train.data: generated``), the windows kept under ``--models`` by the
+    model, their number, length and seed: sampling 800 windows of 128 tokens takes 20 minutes of one thread."""
+    t = recipe["train"]
+    if t["data"] != GENERATED:
+        return
+    held_out = t["eval_windows"] if t["eval_steps"] else 0
+    key = f"{args.model} {pipeline.train_windows(t)} {held_out} x {t['seq_len']} seed {recipe['seed']}"
+    path = Path(args.models) / "generated" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        data.update({split: pipeline.TokenWindows(w) for split, w in torch.load(path).items()})
+        return
+    pipeline.add_generated_windows(fp, tokenizer, recipe, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({s: data[s].windows for s in ("train", "validation") if s in data}, path)
 
 
 def add_teacher_kept(args, fp: nn.Module, recipe: dict, data: dict) -> None:
