@@ -78,3 +78,11 @@ def test_sampled_windows_are_drawn_from_the_models_next_token_distribution():
     mean, expected = drawn.mean().item(), -entropy.mean().item()
     assert mean == pytest.approx(expected, abs=3 * drawn.std().item() / 20)  # 3 standard errors of 400 draws
     assert log_p.max(-1).values.mean() - mean > 0.3 and mean - log_p.mean() > 1.0
+
+
+def test_sampled_windows_never_draw_an_end_of_text_token_of_a_model_that_lists_several():
+    model = tiny_model()
+    model.config.eos_token_id = [2, 3]  # as Gemma 3 and Llama 3.1 configs list them
+    windows = sampled_windows(model, 64, 8, start_ids=[7], seed=0)
+    # a near-uniform tiny model would draw these two about 3.5 times in 448 draws if they were not suppressed
+    assert windows.shape == (64, 8) and not torch.isin(windows[:, 1:], torch.tensor([2, 3])).any()

@@ -40,9 +40,10 @@ def sampled_windows(model: nn.Module, n: int, seq_len: int, start_ids: Sequence[
     if n < 1 or seq_len < 2 or not start_ids:
         raise ValueError(f"need n >= 1, seq_len >= 2 and some start tokens; got {n}, {seq_len}, {len(start_ids)}")
     device = next(model.parameters()).device
+    eos = model.config.eos_token_id  # one id, or several (Gemma 3, Llama 3.1 list their turn ends too)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
-                              min_new_tokens=seq_len - 1, eos_token_id=model.config.eos_token_id,
-                              pad_token_id=model.config.eos_token_id)
+                              min_new_tokens=seq_len - 1, eos_token_id=eos,
+                              pad_token_id=eos[0] if isinstance(eos, list) else eos)
     starts = torch.as_tensor(list(start_ids))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
