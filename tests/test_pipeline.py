@@ -662,7 +662,8 @@ def test_train_data_that_names_no_corpus_is_refused(data):
         load_recipe(None, [f"train.data={data}"])
 
 
-@pytest.mark.parametrize("data, loss", [("generated", "ce"), ("[wiki, generated]", "distill")])
+@pytest.mark.parametrize("data, loss", [("generated", "ce"), ("[wiki, generated]", "distill"),
+                                        ("[generated]", "distill")])
 def test_generated_training_data_without_distillation_or_in_a_list_is_refused(data, loss):
     with pytest.raises(RecipeError, match="train.data: generated .* needs train.loss: distill .* alone"):
         load_recipe(None, [f"train.data={data}", f"train.loss={loss}"])

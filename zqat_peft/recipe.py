@@ -289,7 +289,7 @@ def check_recipe(recipe: dict) -> None:
     if not corpora or not all(isinstance(c, str) and c for c in corpora):
         raise RecipeError("train.data must be a corpus name or a non-empty list of them, e.g. wiki or "
                           f"[wiki, austen]; got {t['data']!r}")
-    if GENERATED in corpora and (corpora != [GENERATED] or t["loss"] != "distill"):
+    if GENERATED in corpora and (t["data"] != GENERATED or t["loss"] != "distill"):
         raise RecipeError(f"train.data: {GENERATED} trains on text sampled from the full-precision model and needs "
                           f"train.loss: distill (the model's own targets), alone, not in a list; got train.data "
                           f"{t['data']!r} with train.loss {t['loss']!r}")
