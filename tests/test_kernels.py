@@ -21,7 +21,7 @@ import torch.utils.cpp_extension
 from zqat_peft import kernels, noise
 from zqat_peft.quant import dequantize_weight, fake_quantize_activation, fake_quantize_weight, pack_int, unpack_int
 from zqat_peft.quant import quantize_weight, weight_qparams
-from zqat_peft.noise import add_scaled_noise, add_scaled_noise_, param_key, zo_noise
+from zqat_peft.noise import WeightNoise, add_scaled_noise, add_scaled_noise_, param_key, zo_noise
 
 from .test_noise import PINNED
 
@@ -606,6 +606,38 @@ def test_packed_forward_dispatches_the_cuda_kernel(monkeypatch):
     y = packed_linear(x.as_subclass(_ReportsCuda), *on_cuda, 4, 200)
     assert [c[0] for c in fake.calls] == ["dequant"]
     _check_against_reference(y.as_subclass(torch.Tensor), x, codes, scale, zeros, None)
+
+
+class _RecordingFakeQuantExt:
+    """The perturbed fake-quantization kernel's contract, in PyTorch, recording its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def perturbed_fake_quant_weight(self, w, out, seed, key, scale, lo, hi, bits, group, symmetric):
+        self.calls += 1
+        noisy = add_scaled_noise(w.as_subclass(torch.Tensor), seed, key, scale)
+        out.copy_(fake_quantize_weight(noisy, bits, group, symmetric, lo, hi, dtype=out.dtype))
+
+
+def test_a_masked_perturbation_takes_the_pytorch_path_and_an_unmasked_one_the_kernel(monkeypatch):
+    """The fused kernel perturbs every element, so a masked noise (ZOOptimizer(mask="rounding")) must not reach it;
+    an unmasked one must (the fallback gives the same bits and would hide a dispatch bug)."""
+    from zqat_peft.quant import primitives
+
+    fake = _RecordingFakeQuantExt()
+    monkeypatch.setattr(primitives, "cuda_ext", lambda: fake)
+    torch.manual_seed(0)
+    w = (torch.randn(8, 64) * 0.05).as_subclass(_ReportsCuda)
+    mask = torch.rand(8, 64) < 0.3
+    unmasked = fake_quantize_weight(w, 3, 32, False, noise=WeightNoise(5, 9, 1e-2))
+    assert fake.calls == 1
+    masked = fake_quantize_weight(w, 3, 32, False, noise=WeightNoise(5, 9, 1e-2, mask))
+    assert fake.calls == 1
+    plain = w.as_subclass(torch.Tensor)
+    expected = fake_quantize_weight(torch.where(mask, add_scaled_noise(plain, 5, 9, 1e-2), plain), 3, 32, False)
+    assert torch.equal(masked.as_subclass(torch.Tensor), expected)
+    assert not torch.equal(masked.as_subclass(torch.Tensor), unmasked.as_subclass(torch.Tensor))
 
 
 # ----------------------------------------------------------------------------- CUDA (GPU machines only)

@@ -401,6 +401,19 @@ def test_the_recipe_chooses_the_estimator(tmp_path, tiny_local_model):
         load_recipe(None, ["train.estimator=central"])
 
 
+def test_the_recipe_chooses_the_rounding_mask(tmp_path, tiny_local_model):
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", "quant={w_bits: 3, group_size: 64, trainable: full, init: rtn}",
+        "train={steps: 2, batch_size: 2, seq_len: 32, mask: rounding, logging_steps: 1, eval_steps: null}",
+    ])
+    model, tokenizer = pipeline.quantized_model(recipe, "cpu", "rtn")
+    history = pipeline.train(model, recipe, pipeline.prepare_data(recipe, tokenizer), tmp_path, "cpu")
+    fractions = [e["perturbed_fraction"] for e in history if "perturbed_fraction" in e]
+    assert len(fractions) == 2 and all(0 < f < 0.5 for f in fractions)
+    with pytest.raises(RecipeError, match="train.mask must be one of"):
+        load_recipe(None, ["train.mask=sparse"])
+
+
 @needs_model_and_wiki
 def test_the_rtn_stage_of_a_gptq_recipe_rounds_to_nearest(tiny_local_model):
     # the RTN column of `zqat run` on a recipe with rounding: gptq (the W2/W3 CPU recipes) was refused, and

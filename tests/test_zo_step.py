@@ -197,3 +197,96 @@ def test_the_guard_can_be_switched_off_and_checks_its_margins(tmp_path):
     assert trainer.divergence_guard is None
     with pytest.raises(ValueError, match="margins must be positive"):
         DivergenceGuard(eval_margin=0.0)
+
+
+# ----- the rounding mask ----------------------------------------------------------------------------
+
+
+def masked_steps(mask: str, steps: int = 3, eps: float = 5e-3):
+    """A W3 tiny LLaMA after `steps` relative ZO steps with the given mask: (its SPSA losses, its start, the
+    trained weights, the optimizer)."""
+    from peft import get_peft_model
+
+    from zqat_peft import ZeroQATConfig
+    from .conftest import tiny_model
+
+    model = get_peft_model(tiny_model("llama"), ZeroQATConfig(w_bits=3, group_size=32, trainable="full"))
+    params = zo_parameters(model)
+    start = trained_state(model)
+    optimizer = ZOOptimizer(params, lr=1e-2, eps=eps, step="relative", mask=mask)
+    batch = RepeatedBatch().batch
+    losses = []
+    for _ in range(steps):
+        (seed,) = optimizer.seeds
+        pos, neg = spsa_losses(params, lambda: model(**batch).loss, seed, optimizer.eps)
+        losses.append((pos.item(), neg.item()))
+        optimizer.accumulate((pos.double() - neg.double()).reshape(1))
+        optimizer.step()
+    return losses, start, trained_state(model), optimizer
+
+
+def test_the_rounding_mask_leaves_the_loss_difference_exact_and_moves_only_the_weights_it_can_change():
+    """The masked-out elements are those no perturbation of the step can move across a rounding boundary (or to
+    their group's range), so the SPSA losses are the unmasked run's bit for bit; only the update differs: the
+    unmasked run moves every element, the masked one leaves most of them where they were."""
+    plain_losses, start, plain, _ = masked_steps("none", steps=1)
+    masked_losses, _, masked, optimizer = masked_steps("rounding", steps=1)
+    assert masked_losses == plain_losses
+    assert 0.05 < optimizer.last_masked_fraction < 0.5  # the test below shows the feature is on
+    moved_plain = sum(int((plain[n] != start[n]).sum()) for n in start)
+    moved_masked = sum(int((masked[n] != start[n]).sum()) for n in start)
+    total = sum(t.numel() for t in start.values())
+    assert moved_plain > 0.999 * total  # (an update below half an ulp leaves a few where they were)
+    assert moved_masked == pytest.approx(optimizer.last_masked_fraction * total, rel=1e-3)
+    for name in start:  # where the masked run moved an element, it moved it as the unmasked run did
+        moved = masked[name] != start[name]
+        assert torch.equal(masked[name][moved], plain[name][moved])
+
+
+def test_rounding_margin_bounds_the_moves_that_leave_the_quantized_weight_unchanged():
+    from zqat_peft.quant import fake_quantize_weight, rounding_margin
+    from zqat_peft.zo.estimator import rounding_reach
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 128) * 0.05
+    for bits in (2, 3, 4):
+        margin = rounding_margin(w, bits, 64, symmetric=False)
+        quantized = fake_quantize_weight(w, bits, 64, False)
+        # every element moved at once by up to a third of the reach of a perturbation: unchanged
+        d = 1e-3
+        small = margin >= rounding_reach(d, 1.0)
+        u = (torch.rand_like(w) * 2 - 1) * d * 3.4
+        assert torch.equal(fake_quantize_weight(w + u * small, bits, 64, False), quantized)
+        # an element moved just past its margin, towards its boundary or its group's range, changes it
+        inside = (margin > 1e-4) & (margin < 1e-2)
+        rows, cols = inside.nonzero()[:20].unbind(1)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            changed = [not torch.equal(fake_quantize_weight(w.index_put((torch.tensor([r]), torch.tensor([c])),
+                                                                        w[r, c] + sign * margin[r, c] * 1.01),
+                                                            bits, 64, False), quantized) for sign in (1, -1)]
+            assert any(changed)
+
+
+def test_masked_resume_and_replay_are_bit_exact_and_a_different_mask_is_refused(tmp_path):
+    data = RepeatedBatch()
+    kw = dict(zo_step="relative", zo_mask="rounding", zo_eps=5e-3)
+    full = zqat_llama("full")
+    ZOTrainer(model=full, args=zo_args(tmp_path / "a", max_steps=6, **kw), train_dataset=data).train()
+    args = zo_args(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3, **kw)
+    ZOTrainer(model=zqat_llama("full"), args=args, train_dataset=data).train()
+    resumed = zqat_llama("full")
+    ZOTrainer(model=resumed, args=args, train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    expected = trained_state(full)
+    unmasked = zqat_llama("full")
+    ZOTrainer(model=unmasked, args=zo_args(tmp_path / "c", max_steps=6, zo_step="relative", zo_eps=5e-3),
+              train_dataset=data).train()
+    assert any(not torch.equal(expected[n], trained_state(unmasked)[n]) for n in expected)  # the mask acted
+    assert all(torch.equal(expected[n], trained_state(resumed)[n]) for n in expected)
+    replayed = trained_state(replay_trajectory(zqat_llama("full"), tmp_path / "b" / "checkpoint-6"))
+    assert all(torch.equal(expected[n], replayed[n]) for n in expected)
+    other = zo_args(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3, zo_step="relative", zo_eps=5e-3)
+    with pytest.raises(ValueError, match="zo_mask 'rounding'"):
+        ZOTrainer(model=zqat_llama("full"), args=other, train_dataset=data).train(
+            resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    with pytest.raises(ValueError, match="zo_mask must be one of"):
+        zo_args(tmp_path / "d", zo_mask="sparse")

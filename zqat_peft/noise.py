@@ -119,7 +119,7 @@ import math
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -128,6 +128,7 @@ from torch import Tensor
 from .kernels import cpu_noise_ext, cuda_ext
 
 __all__ = [
+    "NOISE_MAX",
     "NOISE_SCALE",
     "NOISE_VERSION",
     "WeightNoise",
@@ -157,9 +158,16 @@ class WeightNoise:
     seed: int
     key: int
     scale: float
+    # bool, the tensor's shape: only these elements are perturbed (None: all); see ZOParameter.mask
+    mask: Optional[Tensor] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _scale32(self.scale)  # raises on NaN/inf
+
+    def applied_to(self, weight: Tensor) -> Tensor:
+        """``weight`` as this noise perturbs it, out of place: ``add_scaled_noise`` where the mask holds."""
+        perturbed = add_scaled_noise(weight, self.seed, self.key, self.scale)
+        return perturbed if self.mask is None else torch.where(self.mask, perturbed, weight)
 
 _M32 = 0xFFFFFFFF
 _M16 = 0xFFFF
@@ -180,6 +188,7 @@ def _f32(x: float) -> float:
 
 NOISE_SCALE: float = _f32(1.0 / math.sqrt((65536**2 - 1) / 3))  # bits 0x37ddb3d7
 assert struct.pack("<f", NOISE_SCALE) == struct.pack("<I", 0x37DDB3D7)
+NOISE_MAX: float = _f32(_CENTER * NOISE_SCALE)  # the largest |z|, 3.4642
 
 # Elements per chunk by device type (powers of two). The workspace is 3 int64 buffers of 2 * chunk
 # (two work buffers, the counter table) and a float32 chunk: 13 MiB at 2**18, 104 MiB at 2**21.

@@ -352,6 +352,7 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
         learning_rate=t["lr"], lr_scheduler_type=t["scheduler"], lr_scheduler_kwargs=t["scheduler_kwargs"],
         warmup_steps=t["warmup_steps"], weight_decay=t["weight_decay"], zo_eps=t["eps"], zo_num_queries=t["num_queries"],
         zo_grad_clip=t["grad_clip"], zo_step=t["step"], zo_estimator=t["estimator"],
+        zo_mask=t["mask"],
         logging_steps=t["logging_steps"], report_to=[], seed=recipe["seed"], bf16=t["bf16"],
         use_cpu=device == "cpu", dataloader_num_workers=0, **keep_best,
     )

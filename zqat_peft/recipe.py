@@ -24,7 +24,7 @@ from .evaluation.zeroshot import available_tasks
 from .files import check_adapter, read_yaml
 from .tuner import ZeroQATConfig
 from .tuner.registration import zqat_peft_type
-from .zo.estimator import ZO_ESTIMATORS
+from .zo.estimator import ZO_ESTIMATORS, ZO_MASKS
 from .zo.optimizer import ZO_STEPS
 
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
@@ -170,6 +170,9 @@ def default_recipe() -> dict:
             # "two_point": L(p + eps z) - L(p - eps z), 2 forwards per query; "one_sided": L(p + eps z) - L(p),
             # the step's num_queries probes sharing one unperturbed forward (num_queries + 1 forwards)
             "estimator": "two_point",
+            # "rounding": perturb and update only the master-weight elements a perturbation can move across a
+            # rounding boundary (the others cannot change the loss); "none": every element
+            "mask": "none",
             "grad_clip": None, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "logging_steps": 10,
             "bf16": False,
             # a transformers scheduler's own arguments (TrainingArguments.lr_scheduler_kwargs), e.g. for
@@ -297,6 +300,8 @@ def check_recipe(recipe: dict) -> None:
         raise RecipeError(f"train.step must be one of {ZO_STEPS}, got {t['step']!r}")
     if t["estimator"] not in ZO_ESTIMATORS:
         raise RecipeError(f"train.estimator must be one of {ZO_ESTIMATORS}, got {t['estimator']!r}")
+    if t["mask"] not in ZO_MASKS:
+        raise RecipeError(f"train.mask must be one of {ZO_MASKS}, got {t['mask']!r}")
     if t["step"] == "relative" and t["grad_clip"] is not None:
         raise RecipeError(f"train.grad_clip ({t['grad_clip']}) clips the absolute step's projected gradient; the "
                           "relative step clips its normalized gradient itself: unset it or use train.step=absolute")

@@ -12,6 +12,7 @@ from .primitives import (
     quantize_weight,
     resolve_group_size,
     round_ste,
+    rounding_margin,
     weight_qparams,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "quantize_weight",
     "resolve_group_size",
     "round_ste",
+    "rounding_margin",
     "unpack_int",
     "weight_qparams",
 ]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import cuda_ext
-from ..noise import WeightNoise, add_scaled_noise
+from ..noise import WeightNoise
 
 WEIGHT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 # 16 means "activation quantization off"; it is accepted so configs can name it explicitly.
@@ -168,6 +168,38 @@ def quantize_weight(weight: Tensor, scale: Tensor, zero: Tensor, bits: int) -> T
     return codes.reshape(out_features, in_features).to(torch.uint8)
 
 
+@torch.no_grad()
+def rounding_margin(
+    weight: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    clip_lower: Tensor | None = None,
+    clip_upper: Tensor | None = None,
+) -> Tensor:
+    """How far each element of a weight can move before the weight the forward uses changes, float32 [out, in].
+
+    An element's quantized value changes when it crosses a rounding boundary (a half code) inside the grid, at
+    the grid this weight gives (``weight_qparams``); and the whole group's values change when its range does,
+    which an element moves by becoming its group's minimum or maximum. The margin is the distance, in the
+    weight's units, to the nearest of these: a rounding boundary, the group's minimum, its maximum (0 for the
+    elements that set the range).
+    """
+    scale, zero = weight_qparams(weight, bits, group_size, symmetric, clip_lower, clip_upper)
+    out_features, in_features = weight.shape
+    groups = _group_view(weight, in_features // scale.shape[1])
+    scale3 = scale.unsqueeze(-1)
+    # in place where it can be: this runs on every trained weight once per ZO step
+    position = (groups / scale3).add_(zero.unsqueeze(-1))  # in codes, before rounding and clamping
+    qmax = 2**bits - 1
+    boundary = torch.floor(position).add_(0.5).clamp_(0.5, qmax - 0.5)  # the nearest half code the grid has
+    margin = position.sub_(boundary).abs_().mul_(scale3)
+    to_min = groups - groups.amin(dim=-1, keepdim=True)
+    to_max = torch.sub(groups.amax(dim=-1, keepdim=True), groups, out=boundary)
+    margin = torch.minimum(margin, torch.minimum(to_min, to_max, out=to_min), out=margin)
+    return margin.reshape(out_features, in_features)
+
+
 def dequantize_weight(
     codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -223,9 +255,9 @@ def fake_quantize_weight(
     clip logits (through scale and zero) and the weight (straight-through inside the range).
     See ``weight_qparams`` for the arguments.
 
-    ``noise`` quantizes ``add_scaled_noise(weight, noise.seed, noise.key, noise.scale)`` instead of
-    ``weight`` (a ZO perturbation), bit for bit; the CUDA kernel generates the noise while it quantizes, so
-    no perturbed copy of the weight is written. It takes no gradient.
+    ``noise`` quantizes ``noise.applied_to(weight)`` (``add_scaled_noise``, masked) instead of ``weight`` (a ZO perturbation), bit for bit; the CUDA kernel generates the noise while it quantizes, so
+    no perturbed copy of the weight is written (a noise with a mask, which the kernel does not take, runs the
+    PyTorch path). It takes no gradient.
 
     The result is computed in float32 and rounded once to ``dtype`` (default: the weight's), so a forward
     in bfloat16 gets its weight without a float32 copy in between (the CUDA kernel writes ``dtype``).
@@ -234,7 +266,7 @@ def fake_quantize_weight(
         raise ValueError("fake_quantize_weight: a noise-perturbed weight takes no gradient; run it under torch.no_grad()")
     clips_float32 = all(c is None or c.dtype == torch.float32 for c in (clip_lower, clip_upper))
     dtype = dtype or weight.dtype
-    kernel_ok = clips_float32 and dtype in _KERNEL_DTYPES
+    kernel_ok = clips_float32 and dtype in _KERNEL_DTYPES and (noise is None or noise.mask is None)
     ext = cuda_kernels_for(weight, clip_lower, clip_upper) if kernel_ok else None
     if ext is not None:
         seed, key, scale = (noise.seed, noise.key, noise.scale) if noise is not None else (0, 0, 0.0)
@@ -243,7 +275,7 @@ def fake_quantize_weight(
                                         bits, group_size, symmetric)
         return out
     if noise is not None:
-        weight = add_scaled_noise(weight, noise.seed, noise.key, noise.scale)
+        weight = noise.applied_to(weight)
     scale, zero = weight_qparams(weight, bits, group_size, symmetric, clip_lower, clip_upper)
     if not _needs_grad(weight, clip_lower, clip_upper):
         codes = quantize_weight(weight, scale, zero, bits)

@@ -37,7 +37,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..hadamard import OnlineHadamard
-from ..noise import WeightNoise, add_scaled_noise
+from ..noise import WeightNoise
 from ..quant import (
     dequantize_packed,
     fake_quantize_activation,
@@ -46,6 +46,7 @@ from ..quant import (
     packed_linear,
     packed_shape,
     quantize_weight,
+    rounding_margin,
     weight_qparams,
 )
 
@@ -161,6 +162,15 @@ class ZQATLayer(BaseTunerLayer):
             self.zqat_weight_noise[attr] = noise
         return True
 
+    def weight_rounding_margin(self, holder: nn.Module, attr: str) -> Optional[torch.Tensor]:
+        """For the master weight ``holder[attr]``: how far each element can move before the quantized weight the
+        forward uses changes (``rounding_margin``); None for any other tensor."""
+        if holder is not self.zqat_weight or attr not in self.zqat_weight:
+            return None
+        spec = self.zqat_spec[attr]
+        return rounding_margin(self.zqat_weight[attr], spec.w_bits, spec.group_size, spec.symmetric,
+                               self.zqat_clip_lower[attr], self.zqat_clip_upper[attr])
+
     def rotated_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The input in the basis of the weight: x H with an online Hadamard, else x."""
         if adapter_name in self.zqat_input_hadamard:
@@ -178,7 +188,7 @@ class ZQATLayer(BaseTunerLayer):
         """The full-precision weight the forward sees (perturbed while a ``WeightNoise`` is set), [out, in]."""
         master = self.zqat_weight[adapter_name]
         noise = self.zqat_weight_noise.get(adapter_name)
-        return master if noise is None else add_scaled_noise(master, noise.seed, noise.key, noise.scale)
+        return master if noise is None else noise.applied_to(master)
 
     @torch.no_grad()
     def pack(self, adapter_name: str) -> None:

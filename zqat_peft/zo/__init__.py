@@ -1,7 +1,7 @@
 """The zeroth-order engine (noise, in-forward perturbation, SPSA, trajectory) and ZOTrainer."""
 
 from .estimator import (
-    ZO_ESTIMATORS, loss_difference, normalized_gradients, one_sided_losses, projected_gradient, reference_scales,
+    ZO_ESTIMATORS, ZO_MASKS, loss_difference, normalized_gradients, one_sided_losses, projected_gradient, reference_scales,
     spsa_losses, step_seeds, zo_update,
 )
 from .guard import DivergenceGuard
@@ -14,6 +14,6 @@ from .trajectory import Trajectory, replay_trajectory
 __all__ = [
     "DivergenceGuard", "ZODivergenceError", "ZOOptimizer", "ZOParameter", "ZOTrainer", "ZOTrainingArguments", "Trajectory",
     "check_not_offloaded", "chunked_causal_lm_loss", "chunked_cross_entropy", "chunked_loss_unsupported",
-    "ZO_ESTIMATORS", "loss_difference", "normalized_gradients", "one_sided_losses", "perturbed", "projected_gradient",
+    "ZO_ESTIMATORS", "ZO_MASKS", "loss_difference", "normalized_gradients", "one_sided_losses", "perturbed", "projected_gradient",
     "reference_scales", "replay_trajectory", "spsa_losses", "step_seeds", "zo_parameters", "zo_update",
 ]

@@ -21,11 +21,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..noise import add_noise_update_
+from ..noise import NOISE_MAX, add_noise_update_
 from .perturbation import ZOParameter, perturbed
 
 
 ZO_ESTIMATORS = ("two_point", "one_sided")
+ZO_MASKS = ("none", "rounding")
 
 
 def step_seeds(base_seed: int, step: int, num_queries: int) -> list[int]:
@@ -79,7 +80,8 @@ def zo_update(
     lr: float,
     weight_decay: float = 0.0,
 ) -> None:
-    """p <- p (1 - lr wd) - lr * p.scale * mean_i(g_i z_i) for every p in params (the caller decides which decay).
+    """p <- p (1 - lr wd) - lr * p.scale * mean_i(g_i z_i) for every p in params (the caller decides which decay);
+    where a parameter has a mask (``ZOParameter.mask``), only its elements inside it take the second term.
 
     Deterministic: replaying it gives the same bits. bfloat16/float16 parameters are rounded
     stochastically, with bits drawn from the step's first seed (``add_noise_update_``).
@@ -89,7 +91,12 @@ def zo_update(
     for p in params:
         # x * 1.0 is x: the absolute step (scale 1) gives the same bits as before scales existed
         scaled = [(seed, coef * p.scale) for seed, coef in terms]
+        mask = p.mask()
+        before = None if mask is None else p.param.detach().clone()
         add_noise_update_(p.param, p.key, scaled, decay, rounding_seed=seeds[0])
+        if mask is not None:  # the elements outside the mask are only decayed
+            p.param.detach().copy_(torch.where(mask, p.param, add_noise_update_(before, p.key, [], decay, seeds[0])))
+        p.forget_mask()
 
 
 def reference_scales(params: list[ZOParameter]) -> list[float]:
@@ -125,3 +132,13 @@ def normalized_gradients(
     if rms == 0.0:  # every projected gradient so far was exactly 0 (a flat quantized loss): no step
         return [0.0] * len(grads), moment
     return [max(-clip, min(clip, g / rms)) for g in grads], moment
+
+
+def rounding_reach(eps: float, scale: float) -> float:
+    """The margin (``rounding_margin``) within which a perturbation of size eps * scale can change what an element
+    contributes to the quantized forward. Each element moves by at most d = NOISE_MAX * eps * scale; the group's
+    range ends move by as much, so its scale by at most 2 d / qmax, which shifts an element's position on the grid
+    by at most 2 d (its magnitude is at most qmax grid steps): 3 d in all, which also covers an element overtaking
+    the group's minimum or maximum (2 d). ``ZOOptimizer(mask="rounding")`` perturbs and updates only the elements
+    closer than this (``ZOParameter.mask``): the others leave the loss exactly where it was."""
+    return 3.0 * NOISE_MAX * eps * scale

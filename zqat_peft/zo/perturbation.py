@@ -18,13 +18,15 @@ bit-identical.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from ..noise import WeightNoise, add_scaled_noise, param_key
+from ..noise import WeightNoise, param_key
 
 _CONTAINERS = (nn.ParameterDict, nn.ParameterList, nn.ModuleDict, nn.ModuleList)
 
@@ -40,6 +42,30 @@ class ZOParameter:
     sites: list[tuple[nn.Module, nn.Module, str]] = field(default_factory=list)
     # perturbation and update sizes are multiplied by it: 1.0 (absolute step) or the tensor's reference scale
     scale: float = 1.0
+    # for a master weight quantized in the forward: each element's distance to a change of its quantized value
+    # (ZQATLayer.weight_rounding_margin); None for every other tensor
+    margin: Optional[Callable[[], Optional[torch.Tensor]]] = None
+    # the largest distance a step's perturbation can move the forward's view of an element (see ZOOptimizer's
+    # ``mask``); inf: every element is perturbed and updated
+    reach: float = math.inf
+    _mask: Optional[torch.Tensor] = field(default=None, repr=False)
+    _mask_reach: Optional[float] = field(default=None, repr=False)
+
+    def mask(self) -> Optional[torch.Tensor]:
+        """The elements a perturbation within ``reach`` can move across a rounding boundary (bool, the
+        parameter's shape), or None for all of them. The others cannot change the loss, so their share of the
+        SPSA update is pure noise. Measured once per step, at the weights the step starts from: the update
+        (``zo_update``) calls ``forget_mask``."""
+        if self.margin is None or math.isinf(self.reach):
+            return None
+        if self._mask_reach != self.reach:
+            margin = self.margin()
+            self._mask = None if margin is None else margin < self.reach
+            self._mask_reach = self.reach
+        return self._mask
+
+    def forget_mask(self) -> None:
+        self._mask, self._mask_reach = None, None
 
 
 def check_not_offloaded(model: nn.Module) -> None:
@@ -72,7 +98,10 @@ def zo_parameters(model: nn.Module) -> list[ZOParameter]:
             continue
         holder_name, _, attr = name.rpartition(".")
         entry = by_id.setdefault(id(param), ZOParameter(name, param, param_key(name)))
-        entry.sites.append((_calling_module(modules, holder_name), modules[holder_name], attr))
+        caller, holder = _calling_module(modules, holder_name), modules[holder_name]
+        entry.sites.append((caller, holder, attr))
+        if entry.margin is None and hasattr(caller, "weight_rounding_margin"):
+            entry.margin = functools.partial(caller.weight_rounding_margin, holder, attr)
     if not by_id:
         raise ValueError(
             "The model has no trainable parameters (none has requires_grad=True): nothing for ZO training to update."
@@ -99,13 +128,13 @@ def perturbed(params: list[ZOParameter], seed: int, scale: float) -> Iterator[No
     for p in params:
         for caller, holder, attr in p.sites:
             sites_by_module.setdefault(caller, []).append((holder, attr, p))
-    noise = {id(p): WeightNoise(seed, p.key, scale * p.scale) for p in params}  # built once; checks the scale
+    noise = {id(p): WeightNoise(seed, p.key, scale * p.scale, p.mask()) for p in params}  # built once; checks the scale
     used: set[int] = set()
 
     def swap_in(module: nn.Module, args) -> None:
         for holder, attr, p in sites_by_module[module]:
             if not _set_noise(module, holder, attr, noise[id(p)]):
-                holder._parameters[attr] = add_scaled_noise(p.param, seed, p.key, noise[id(p)].scale)
+                holder._parameters[attr] = noise[id(p)].applied_to(p.param)
             used.add(id(p))
 
     def swap_back(module: nn.Module, args, output) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from ..tuner.layer import ZQATLayer
-from .estimator import ZO_ESTIMATORS, loss_difference, one_sided_losses, spsa_losses
+from .estimator import ZO_ESTIMATORS, ZO_MASKS, loss_difference, one_sided_losses, spsa_losses
 from .guard import DivergenceGuard
 from .loss import chunked_causal_lm_loss, chunked_loss_unsupported
 from .optimizer import ZO_STEPS, ZOOptimizer
@@ -39,6 +39,9 @@ class ZOTrainingArguments(TrainingArguments):
     zo_estimator: str = field(default="two_point", metadata={
         "help": "'two_point': L(p + eps z) - L(p - eps z), 2 forwards per query; 'one_sided': L(p + eps z) - L(p), "
                 "the queries sharing one unperturbed forward (num_queries + 1 forwards per step)."})
+    zo_mask: str = field(default="none", metadata={
+        "help": "'rounding': perturb and update only the master-weight elements the perturbation can move across a "
+                "rounding boundary (the others cannot change the loss); 'none': every element."})
     zo_grad_clip: Optional[float] = field(
         default=None, metadata={"help": "Absolute step: clip the projected gradient to [-c, c] (off by default)."}
     )
@@ -91,6 +94,8 @@ class ZOTrainingArguments(TrainingArguments):
             raise ValueError(f"zo_step must be one of {ZO_STEPS}, got {self.zo_step!r}.")
         if self.zo_estimator not in ZO_ESTIMATORS:
             raise ValueError(f"zo_estimator must be one of {ZO_ESTIMATORS}, got {self.zo_estimator!r}.")
+        if self.zo_mask not in ZO_MASKS:
+            raise ValueError(f"zo_mask must be one of {ZO_MASKS}, got {self.zo_mask!r}.")
         if self.zo_step == "relative" and self.zo_grad_clip is not None:
             raise ValueError(
                 f"zo_grad_clip={self.zo_grad_clip} clips the absolute projected gradient; with zo_step='relative' "
@@ -184,6 +189,7 @@ class ZOTrainer(Trainer):
                 norm_beta=args.zo_norm_beta,
                 norm_clip=args.zo_norm_clip,
                 estimator=args.zo_estimator,
+                mask=args.zo_mask,
             )
         return self.optimizer
 
@@ -242,6 +248,8 @@ class ZOTrainer(Trainer):
                 logs["projected_grad"] = sum(zo.last_grads) / len(zo.last_grads)
             if zo.grad_rms is not None:
                 logs["projected_grad_rms"] = zo.grad_rms
+            if zo.last_masked_fraction is not None:
+                logs["perturbed_fraction"] = zo.last_masked_fraction
         super().log(logs, start_time)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:

@@ -11,6 +11,7 @@ normalized coefficients the updates applied, not the raw projected gradients.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -19,10 +20,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .estimator import zo_update
+from .estimator import rounding_reach, zo_update
 from ..files import load_safetensors
 from ..noise import NOISE_VERSION
-from .perturbation import zo_parameters
+from .perturbation import ZOParameter, zo_parameters
 
 TRAJECTORY_FILE = "zo_trajectory.safetensors"
 
@@ -38,6 +39,7 @@ class Trajectory:
     weight_decays: list[float] = field(default_factory=list)
     decay_names: Optional[list[str]] = None  # None: recorded before decay was restricted (every parameter)
     ref_scales: Optional[list[float]] = None  # None: the absolute step (every scale 1)
+    mask: str = "none"  # ZOOptimizer's mask: "rounding" updates only the elements near a rounding boundary
 
     def __len__(self) -> int:
         return len(self.lrs)
@@ -57,7 +59,7 @@ class Trajectory:
             "eps": self.eps, "num_queries": self.num_queries, "param_names": list(self.param_names),
             "seeds": self.seeds, "grads": self.grads, "lrs": self.lrs, "weight_decays": self.weight_decays,
             "decay_names": None if self.decay_names is None else list(self.decay_names),
-            "ref_scales": None if self.ref_scales is None else list(self.ref_scales),
+            "ref_scales": None if self.ref_scales is None else list(self.ref_scales), "mask": self.mask,
         }
 
     @classmethod
@@ -79,6 +81,8 @@ class Trajectory:
                 "param_names": json.dumps(self.param_names)}
         if self.decay_names is not None:
             meta["decay_names"] = json.dumps(self.decay_names)
+        if self.mask != "none":
+            meta["mask"] = self.mask
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -96,8 +100,17 @@ class Trajectory:
             seeds=t["seeds"].tolist(), grads=t["grads"].tolist(), lrs=t["lrs"].tolist(),
             weight_decays=t["weight_decays"].tolist(),
             decay_names=json.loads(meta["decay_names"]) if "decay_names" in meta else None,
-            ref_scales=t["ref_scales"].tolist() if "ref_scales" in t else None,
+            ref_scales=t["ref_scales"].tolist() if "ref_scales" in t else None, mask=meta.get("mask", "none"),
         )
+
+
+def set_scales(params: list[ZOParameter], scales: Optional[list[float]], eps: float, mask: str) -> None:
+    """Give each parameter its step's unit (its reference scale, or 1 for the absolute step) and, with the
+    rounding mask, the reach of its perturbation."""
+    for p, scale in zip(params, scales or [1.0] * len(params)):
+        p.scale = scale
+        p.reach = rounding_reach(eps, scale) if mask == "rounding" else math.inf
+        p.forget_mask()
 
 
 def replay_trajectory(model: nn.Module, trajectory: Union[Trajectory, str, Path], steps: int | None = None) -> nn.Module:
@@ -125,8 +138,7 @@ def replay_trajectory(model: nn.Module, trajectory: Union[Trajectory, str, Path]
             "This trajectory was recorded before half-precision updates were rounded stochastically: it cannot be "
             "replayed on bfloat16/float16 trainable parameters. Replay it with the version that recorded it."
         )
-    for p, scale in zip(params, trajectory.ref_scales or [1.0] * len(params)):
-        p.scale = scale
+    set_scales(params, trajectory.ref_scales, trajectory.eps, trajectory.mask)
     decayed_names = set(trajectory.decayed_names())
     decayed = [p for p in params if p.name in decayed_names]
     kept = [p for p in params if p.name not in decayed_names]
