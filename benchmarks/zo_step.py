@@ -6,6 +6,10 @@ torch.cuda.max_memory_allocated). Time: median over repeats, forward and ZO step
 same process (so load from elsewhere hits both alike).
 
     python benchmarks/zo_step.py --out benchmarks/results/zo_step_cpu.json
+
+A mode may name a mask after a colon, e.g. ``full:rounding`` (``ZOOptimizer(mask="rounding")``: each step
+measures every master weight's rounding margin once and perturbs and updates only the elements within reach,
+eps 5e-3 of each tensor's RMS as in the demo recipe).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import transformers
 from peft import get_peft_model
 
 from zqat_peft import ZeroQATConfig
-from zqat_peft.zo import spsa_losses, zo_parameters, zo_update
+from zqat_peft.zo import reference_scales, spsa_losses, zo_parameters, zo_update
+from zqat_peft.zo.trajectory import set_scales
 
 SHAPES = {
     # SmolLM2-135M (random weights give the same costs as the real ones)
@@ -50,18 +55,23 @@ def sync(device: str) -> None:
 def measure(args, what: str) -> dict:
     """Run in a fresh process: build the model, then time `what` ("forward" or "zo") and its peak memory."""
     dtype = getattr(torch, args.dtype)
-    model = build(args.shape, args.mode, args.w_bits, args.group_size, dtype, args.device)
+    mode, _, mask = args.mode.partition(":")
+    model = build(args.shape, mode, args.w_bits, args.group_size, dtype, args.device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
     params = zo_parameters(model)
+    eps = 1e-3
+    if mask:
+        eps = 5e-3
+        set_scales(params, reference_scales(params), eps, mask)
 
     def forward():
         with torch.no_grad():
             return model(input_ids=ids, labels=ids).loss
 
     def zo_step(seed):
-        lp, ln = spsa_losses(params, forward, seed, 1e-3)
-        zo_update(params, [seed], [float(lp - ln) / 2e-3], 1e-7)
+        lp, ln = spsa_losses(params, forward, seed, eps)
+        zo_update(params, [seed], [float(lp - ln) / (2 * eps)], 1e-7)
 
     runs = {"forward": lambda i: forward(), "zo": zo_step}
     runs[what](0)  # warm up
