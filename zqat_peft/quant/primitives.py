@@ -255,9 +255,9 @@ def fake_quantize_weight(
     clip logits (through scale and zero) and the weight (straight-through inside the range).
     See ``weight_qparams`` for the arguments.
 
-    ``noise`` quantizes ``noise.applied_to(weight)`` (``add_scaled_noise``, masked) instead of ``weight`` (a ZO perturbation), bit for bit; the CUDA kernel generates the noise while it quantizes, so
-    no perturbed copy of the weight is written (a noise with a mask, which the kernel does not take, runs the
-    PyTorch path). It takes no gradient.
+    ``noise`` quantizes ``noise.applied_to(weight)`` instead of ``weight`` (a ZO perturbation), bit for bit;
+    the CUDA kernel generates the noise while it quantizes, so no perturbed copy of the weight is written (a
+    noise with a mask, which the kernel does not take, runs the PyTorch path). It takes no gradient.
 
     The result is computed in float32 and rounded once to ``dtype`` (default: the weight's), so a forward
     in bfloat16 gets its weight without a float32 copy in between (the CUDA kernel writes ``dtype``).
