@@ -45,11 +45,11 @@ class ZOParameter:
     # for a master weight quantized in the forward: each element's distance to a change of its quantized value
     # (ZQATLayer.weight_rounding_margin); None for every other tensor
     margin: Optional[Callable[[], Optional[torch.Tensor]]] = None
-    # the largest distance a step's perturbation can move the forward's view of an element (see ZOOptimizer's
-    # ``mask``); inf: every element is perturbed and updated
+    # the margin within which a step's perturbation can change an element's share of the quantized forward
+    # (``rounding_reach``, with ZOOptimizer's mask="rounding"); inf: every element is perturbed and updated
     reach: float = math.inf
-    _mask: Optional[torch.Tensor] = field(default=None, repr=False)
-    _mask_reach: Optional[float] = field(default=None, repr=False)
+    _mask: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    _mask_reach: Optional[float] = field(default=None, repr=False, compare=False)
 
     def mask(self) -> Optional[torch.Tensor]:
         """The elements a perturbation within ``reach`` can move across a rounding boundary (bool, the
