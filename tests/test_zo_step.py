@@ -290,3 +290,5 @@ def test_masked_resume_and_replay_are_bit_exact_and_a_different_mask_is_refused(
             resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
     with pytest.raises(ValueError, match="zo_mask must be one of"):
         zo_args(tmp_path / "d", zo_mask="sparse")
+    with pytest.raises(ValueError, match="no trained parameter is one"):  # it would silently mask nothing
+        ZOOptimizer(zo_parameters(zqat_llama("scales")), lr=1e-3, mask="rounding")

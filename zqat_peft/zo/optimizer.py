@@ -118,6 +118,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.trajectory = Trajectory(eps, num_queries, [p.name for p in params], decay_names=[p.name for p in decayed],
                                      ref_scales=scales, mask=mask)
         self._set_scales(scales)
+        if mask == "rounding" and all(p.mask() is None for p in params):  # the first step's masks, kept for it
+            raise ValueError(
+                "zo_mask='rounding' masks the master weights of quantized layers, and no trained parameter is one "
+                "(trainable='scales' trains packed layers' scales, which every perturbation moves): use zo_mask='none'."
+            )
         self.nonfinite_in_a_row = 0
         # the relative step's running second moment of the projected gradient, over `norm_count` finite steps
         self.norm_moment = 0.0

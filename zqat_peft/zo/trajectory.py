@@ -5,7 +5,8 @@ and gives the trained weights bit for bit. 10,000 steps take a few hundred KB. T
 weight-decayed parameters are recorded once; a trajectory written before they were (``decay_names``
 None) decayed every parameter and rounded half-precision updates to nearest. A relative-step run also records
 each parameter's reference scale (``ref_scales``, measured once when it started); ``grads`` then holds the
-normalized coefficients the updates applied, not the raw projected gradients.
+normalized coefficients the updates applied, not the raw projected gradients. A run with the rounding mask records
+it (``mask``); replay measures each step's masks again on the weights it has replayed so far.
 """
 
 from __future__ import annotations
