@@ -244,13 +244,13 @@ def test_the_rounding_mask_leaves_the_loss_difference_exact_and_moves_only_the_w
 
 
 def test_rounding_margin_bounds_the_moves_that_leave_the_quantized_weight_unchanged():
-    from zqat_peft.quant import fake_quantize_weight, rounding_margin
+    from zqat_peft.quant import fake_quantize_weight, rounding_margin, weight_qparams
     from zqat_peft.zo.estimator import rounding_reach
 
     torch.manual_seed(0)
     w = torch.randn(16, 128) * 0.05
     for bits in (2, 3, 4):
-        margin = rounding_margin(w, bits, 64, symmetric=False)
+        margin = rounding_margin(w, *weight_qparams(w, bits, 64, symmetric=False), bits)
         quantized = fake_quantize_weight(w, bits, 64, False)
         # every element moved at once by up to a third of the reach of a perturbation: unchanged
         d = 1e-3

@@ -169,28 +169,20 @@ def quantize_weight(weight: Tensor, scale: Tensor, zero: Tensor, bits: int) -> T
 
 
 @torch.no_grad()
-def rounding_margin(
-    weight: Tensor,
-    bits: int,
-    group_size: int,
-    symmetric: bool,
-    clip_lower: Tensor | None = None,
-    clip_upper: Tensor | None = None,
-) -> Tensor:
+def rounding_margin(weight: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """How far each element of a weight can move before the weight the forward uses changes, float32 [out, in].
 
-    An element's quantized value changes when it crosses a rounding boundary (a half code) inside the grid, at
-    the grid this weight gives (``weight_qparams``); and the whole group's values change when its range does,
-    which an element moves by becoming its group's minimum or maximum. The margin is the distance, in the
+    An element's quantized value changes when it crosses a rounding boundary (a half code) inside the grid
+    (``scale``, ``zero``: ``weight_qparams`` of this weight); and the whole group's values change when its range
+    does, which an element moves by becoming its group's minimum or maximum. The margin is the distance, in the
     weight's units, to the nearest of these: a rounding boundary, the group's minimum, its maximum (0 for the
     elements that set the range).
     """
-    scale, zero = weight_qparams(weight, bits, group_size, symmetric, clip_lower, clip_upper)
     out_features, in_features = weight.shape
     groups = _group_view(weight, in_features // scale.shape[1])
-    scale3 = scale.unsqueeze(-1)
+    scale3 = scale.float().unsqueeze(-1)
     # in place where it can be: this runs on every trained weight once per ZO step
-    position = (groups / scale3).add_(zero.unsqueeze(-1))  # in codes, before rounding and clamping
+    position = (groups / scale3).add_(zero.float().unsqueeze(-1))  # in codes, before rounding and clamping
     qmax = 2**bits - 1
     boundary = torch.floor(position).add_(0.5).clamp_(0.5, qmax - 0.5)  # the nearest half code the grid has
     margin = position.sub_(boundary).abs_().mul_(scale3)

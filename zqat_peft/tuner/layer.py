@@ -167,9 +167,10 @@ class ZQATLayer(BaseTunerLayer):
         forward uses changes (``rounding_margin``); None for any other tensor."""
         if holder is not self.zqat_weight or attr not in self.zqat_weight:
             return None
-        spec = self.zqat_spec[attr]
-        return rounding_margin(self.zqat_weight[attr], spec.w_bits, spec.group_size, spec.symmetric,
-                               self.zqat_clip_lower[attr], self.zqat_clip_upper[attr])
+        spec, master = self.zqat_spec[attr], self.zqat_weight[attr]
+        scale, zero = weight_qparams(master, spec.w_bits, spec.group_size, spec.symmetric,
+                                     self.zqat_clip_lower[attr], self.zqat_clip_upper[attr])
+        return rounding_margin(master, scale, zero, spec.w_bits)
 
     def rotated_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The input in the basis of the weight: x H with an online Hadamard, else x."""

@@ -95,7 +95,8 @@ def zo_update(
         before = None if mask is None else p.param.detach().clone()
         add_noise_update_(p.param, p.key, scaled, decay, rounding_seed=seeds[0])
         if mask is not None:  # the elements outside the mask are only decayed
-            p.param.detach().copy_(torch.where(mask, p.param, add_noise_update_(before, p.key, [], decay, seeds[0])))
+            updated = p.param.detach()
+            torch.where(mask, updated, add_noise_update_(before, p.key, [], decay, seeds[0]), out=updated)
         p.forget_mask()
 
 

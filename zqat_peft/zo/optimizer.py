@@ -129,7 +129,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.norm_count = 0
         self.last_grads: list[float] = []  # the projected gradients of the last step (before normalization)
         self.last_loss: Optional[float] = None  # the mean of its SPSA losses, for the divergence guard
-        self.last_masked_fraction: Optional[float] = None  # mask="rounding": the share of elements it moved
+        self._masked: Optional[tuple[torch.Tensor, int]] = None  # mask="rounding": the last step's (moved, of all)
         self._loss_sum = 0.0
         self._reset_window()
 
@@ -174,17 +174,24 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.last_grads = grads
             grads = self._normalized(grads)
             weight_decay = self.param_groups[0]["weight_decay"]  # the decayed group comes first
-            self.last_masked_fraction = self._masked_fraction()
+            self._count_masked()
             for group, params in zip(self.param_groups, self.zo_groups):
                 zo_update(params, seeds, grads, lr, group["weight_decay"])
         self.trajectory.append(seeds, grads, lr, weight_decay)
 
-    def _masked_fraction(self) -> Optional[float]:
-        """The share of the masked parameters' elements that this step perturbed and updates (None: no masks)."""
+    def _count_masked(self) -> None:
+        """Keep this step's masked element count on the device: read (one host sync) only when it is logged."""
         masks = [mask for mask in (p.mask() for p in self.zo_params) if mask is not None]
-        if not masks:
+        if masks:
+            self._masked = (sum(mask.sum() for mask in masks), sum(mask.numel() for mask in masks))
+
+    @property
+    def last_masked_fraction(self) -> Optional[float]:
+        """The share of the masked parameters' elements the last step perturbed and updated (None: no masks)."""
+        if self._masked is None:
             return None
-        return sum(int(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
+        count, total = self._masked
+        return float(count) / total
 
     def _normalized(self, grads: list[float]) -> list[float]:
         """The coefficients the update applies: the projected gradients themselves, or (relative step) in units
