@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import zqat_peft
 from zqat_peft import ZeroQATConfig, ZQATLinear
 from zqat_peft.quant import fake_quantize_weight
+from zqat_peft.zo import ZOOptimizer, spsa_losses, zo_parameters
 
 from .conftest import TINY_CONFIGS, tiny_batch, tiny_model
 
@@ -313,7 +314,7 @@ def test_disabling_the_adapter_is_refused_and_leaves_it_working():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(trainable="partial"), r"trainable must be one of \('full', 'lightweight', 'scales'\), got 'partial'"),
+    (dict(trainable="partial"), r"trainable must be one of \('full', 'lightweight', 'scales', 'none'\), got 'partial'"),
     (dict(init="gptq"), r"init must be one of \('rtn', 'calibrate'\), got 'gptq'"),
     (dict(trainable="lightweight", trainable_modules=[]), r"trainable='lightweight' needs trainable_modules"),
 ])
@@ -353,6 +354,27 @@ def test_trained_norms_are_trainable_saved_and_loaded(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_trainable_none_packs_every_layer_and_zo_trains_only_the_modules_to_save():
+    norms = ["input_layernorm", "post_attention_layernorm", "norm"]
+    with pytest.raises(ValueError, match=r"trainable='none' .* nothing would be trained"):
+        ZeroQATConfig(trainable="none")
+    model = get_peft_model(tiny_model(), ZeroQATConfig(w_bits=3, group_size=32, trainable="none", modules_to_save=norms))
+    layers = [m for m in model.modules() if isinstance(m, ZQATLinear)]
+    assert layers and all(layer.is_packed("default") for layer in layers)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = zo_parameters(model)
+    assert len(params) == 2 * 2 + 1 and all(".modules_to_save.default.weight" in p.name for p in params)
+    optimizer = ZOOptimizer(params, lr=1e-2, eps=1e-2, step="relative")
+    ids = tiny_batch()["input_ids"]
+    for _ in range(2):
+        (seed,) = optimizer.seeds
+        pos, neg = spsa_losses(params, lambda: model(input_ids=ids, labels=ids).loss, seed, optimizer.eps)
+        optimizer.accumulate((pos.double() - neg.double()).reshape(1))
+        optimizer.step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved == {p.name for p in params}  # the norms moved; no code, scale or zero point did
 
 
 def test_unsupported_bits_are_refused():

@@ -10,7 +10,7 @@ from peft import PeftConfig
 from ..quant import ACT_BITS, WEIGHT_BITS, check_act_bits, check_weight_bits
 from .registration import zqat_peft_type
 
-TRAINABLE_MODES = ("full", "lightweight", "scales")
+TRAINABLE_MODES = ("full", "lightweight", "scales", "none")
 INIT_MODES = ("rtn", "calibrate")
 ROUNDING_MODES = ("nearest", "gptq")
 GPTQ_MASTERS = ("rounded", "compensated")
@@ -30,7 +30,8 @@ class ZeroQATConfig(PeftConfig):
     ``trainable`` picks which layers are trained:
     ``"full"`` every targeted layer; ``"lightweight"`` only ``trainable_modules`` (q_proj/v_proj by
     default), the rest packed and frozen; ``"scales"`` every layer packed, only the per-group scales
-    are trained (QZO-style).
+    are trained (QZO-style); ``"none"`` every layer packed and frozen, only ``modules_to_save`` trained
+    (e.g. the RMSNorm weights: a few thousand per-channel factors in place of millions of scales).
 
     ``kv_bits < 16`` fake-quantizes the *outputs of the key and value projections* (``kv_modules``), per
     token and attention head. That is where ZeroQAT's layers sit: transformers applies rotary position
@@ -72,7 +73,7 @@ class ZeroQATConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules not to quantize (names, suffixes or a regex)."}
     )
-    trainable: Literal["full", "lightweight", "scales"] = field(
+    trainable: Literal["full", "lightweight", "scales", "none"] = field(
         default="full", metadata={"help": f"Which parameters the ZO trainer updates: one of {TRAINABLE_MODES}."}
     )
     trainable_modules: list[str] = field(
@@ -159,6 +160,10 @@ class ZeroQATConfig(PeftConfig):
         self._check_rounding()
         if self.trainable == "lightweight" and not self.trainable_modules:
             raise ValueError("trainable='lightweight' needs trainable_modules (e.g. ['q_proj', 'v_proj']).")
+        if self.trainable == "none" and not self.modules_to_save:
+            raise ValueError("trainable='none' trains no parameter of the quantized layers, only modules_to_save, and "
+                             "none is set: nothing would be trained. Name them (e.g. modules_to_save=['input_layernorm', "
+                             "'post_attention_layernorm', 'norm']) or use trainable='scales'.")
         if self.modules_to_save is not None and (
                 isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save)):
             raise ValueError(f"modules_to_save takes a list of module names (e.g. ['input_layernorm', "
@@ -182,7 +187,7 @@ class ZeroQATConfig(PeftConfig):
             raise ValueError("calib_refine_epochs refines scales on calibration inputs: it needs init='calibrate'.")
         if self.calib_refine_epochs and self.trainable == "full":
             raise ValueError("calib_refine_epochs refines the scales of packed layers, and trainable='full' packs none "
-                             "(ZO trains every master weight): use trainable='scales' or 'lightweight', or no refinement.")
+                             "(ZO trains every master weight): use trainable='scales', 'lightweight' or 'none', or no refinement.")
         if self.gptq_damp < 0 or self.gptq_block_size < 1:
             raise ValueError(f"gptq_damp must be >= 0 and gptq_block_size >= 1, got {self.gptq_damp} and "
                              f"{self.gptq_block_size}.")
@@ -195,7 +200,7 @@ class ZeroQATConfig(PeftConfig):
         """Whether the layer called `module_name` keeps a master weight that ZO training updates."""
         if self.trainable == "full":
             return True
-        if self.trainable == "scales":
+        if self.trainable in ("scales", "none"):
             return False
         return any(_matches_suffix(module_name, s) for s in self.trainable_modules)
 
