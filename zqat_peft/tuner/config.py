@@ -161,9 +161,9 @@ class ZeroQATConfig(PeftConfig):
         if self.trainable == "lightweight" and not self.trainable_modules:
             raise ValueError("trainable='lightweight' needs trainable_modules (e.g. ['q_proj', 'v_proj']).")
         if self.trainable == "none" and not self.modules_to_save:
-            raise ValueError("trainable='none' trains no parameter of the quantized layers, only modules_to_save, and "
-                             "none is set: nothing would be trained. Name them (e.g. modules_to_save=['input_layernorm', "
-                             "'post_attention_layernorm', 'norm']) or use trainable='scales'.")
+            raise ValueError("trainable='none' trains no parameter of the quantized layers, only modules_to_save, "
+                             "and none is set: nothing would be trained. Name them (e.g. modules_to_save="
+                             "['input_layernorm', 'post_attention_layernorm', 'norm']) or use trainable='scales'.")
         if self.modules_to_save is not None and (
                 isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save)):
             raise ValueError(f"modules_to_save takes a list of module names (e.g. ['input_layernorm', "
@@ -187,7 +187,8 @@ class ZeroQATConfig(PeftConfig):
             raise ValueError("calib_refine_epochs refines scales on calibration inputs: it needs init='calibrate'.")
         if self.calib_refine_epochs and self.trainable == "full":
             raise ValueError("calib_refine_epochs refines the scales of packed layers, and trainable='full' packs none "
-                             "(ZO trains every master weight): use trainable='scales', 'lightweight' or 'none', or no refinement.")
+                             "(ZO trains every master weight): use trainable='scales', 'lightweight' or 'none', or no "
+                             "refinement.")
         if self.gptq_damp < 0 or self.gptq_block_size < 1:
             raise ValueError(f"gptq_damp must be >= 0 and gptq_block_size >= 1, got {self.gptq_damp} and "
                              f"{self.gptq_block_size}.")
