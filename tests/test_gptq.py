@@ -269,9 +269,11 @@ def test_scale_refinement_keeps_the_codes_and_lowers_the_output_error(batches):
 
 
 def test_scale_refinement_lowers_the_output_error_with_quantized_activations(batches):
-    # W4A4 per-channel: the block output the refinement fits is the one computed with 4-bit activations
+    # W4A4 per-channel: the block output the refinement fits is the one computed with 4-bit activations. 8 epochs:
+    # after 2 the error was just under 0.95x on one CPU and 0.951x on another, too close to the bound to tell a
+    # CPU's rounding from a defect; after 8 it is 0.88x
     w4a4 = dict(w_bits=4, a_bits=4, group_size=-1)
-    plain, refined = _refined(batches, 0, **w4a4), _refined(batches, 2, **w4a4)
+    plain, refined = _refined(batches, 0, **w4a4), _refined(batches, 8, **w4a4)
     assert _logit_error(refined, batches) < 0.95 * _logit_error(plain, batches)
 
 
