@@ -165,10 +165,9 @@ def _same_row(a: dict, b: dict) -> bool:
 def saved_model(args, setting: str, name: str) -> Path:
     """Where a row keeps its adapter: an init row's for the zeroqat row of the same settings, a zeroqat row's
     for the paired zero-shot check (benchmarks/zero_shot_paired.py)."""
-    # an init does not depend on the training's settings: a zeroqat row with train.* (or quant.modules_to_save)
-    # overrides starts from it
-    trains = ("train.", "quant.modules_to_save")
-    overrides = [o for o in args.recipe_overrides if not (METHODS[name]["method"] == "init" and o.startswith(trains))]
+    # an init does not depend on the training's settings: a zeroqat row with train.* overrides starts from it.
+    # quant.modules_to_save is not one of them: the scale refinement refits the modules it names.
+    overrides = [o for o in args.recipe_overrides if not (METHODS[name]["method"] == "init" and o.startswith("train."))]
     suffix = "".join(f"_{o.replace('=', '-')}" for o in overrides)
     return Path(args.models) / f"{setting}_{name}{suffix}"
 
