@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 import transformers
@@ -37,6 +41,15 @@ def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: in
     config = TINY_CONFIGS[arch]()
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ (not a package) imported as a module, e.g. ``load_benchmark("vs_ptq")``."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_batch(batch: int = 2, seq: int = 16, vocab: int = 256, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +11,12 @@ import torch
 from zqat_peft import ZeroQATConfig, ZQATLinear
 from zqat_peft.build import build_packed_model
 
+from .conftest import load_benchmark
+
 MODES = ("scales", "lightweight", "full")
 
 
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peak_memory_13b.py"
-    spec = importlib.util.spec_from_file_location("peak_memory_13b", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("peak_memory_13b")
 
 
 def smoke_model(mode: str) -> torch.nn.Module:

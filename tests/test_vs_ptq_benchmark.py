@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
+from .conftest import load_benchmark
 
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_ptq.py"
-    spec = importlib.util.spec_from_file_location("vs_ptq", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("vs_ptq")
 
 
 def init_path(*overrides: str) -> Path:
