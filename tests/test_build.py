@@ -13,10 +13,11 @@ from zqat_peft.build import build_packed_model
 from .conftest import TINY_CONFIGS, tiny_batch, tiny_model
 
 
-@pytest.mark.parametrize("mode", ["lightweight", "scales"])
-def test_built_from_a_checkpoint_equals_wrapping_the_loaded_model(tmp_path, mode):
+@pytest.mark.parametrize("mode,act", [("lightweight", {}), ("scales", {}),
+                                      ("scales", dict(a_bits=4, act_clip=0.8))])  # the ratio has no checkpoint entry
+def test_built_from_a_checkpoint_equals_wrapping_the_loaded_model(tmp_path, mode, act):
     tiny_model("llama").save_pretrained(tmp_path)
-    config = dict(w_bits=3, group_size=64, trainable=mode)
+    config = dict(w_bits=3, group_size=64, trainable=mode, **act)
     expected = get_peft_model(tiny_model("llama"), ZeroQATConfig(**config))
     built = build_packed_model(tmp_path, ZeroQATConfig(**config), dtype=torch.float32)
     batch = tiny_batch()

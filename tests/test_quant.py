@@ -290,6 +290,47 @@ def test_activation_bf16_and_gradient():
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+def test_activation_clip_ratio_shrinks_the_range_and_saturates_beyond_it():
+    x = torch.tensor([[-1.0, 0.0, 0.3, 2.0]])
+    # 4 bits, range [-1, 2] * 0.5 = [-0.5, 1]: step 0.1, zero point 5; -1 and 2 saturate at the range's ends
+    clipped = fake_quantize_activation(x, 4, clip_ratio=torch.tensor(0.5))
+    torch.testing.assert_close(clipped, torch.tensor([[-0.5, 0.0, 0.3, 1.0]]))
+    assert torch.equal(fake_quantize_activation(x, 4, clip_ratio=torch.tensor(1.0)), fake_quantize_activation(x, 4))
+    # a ratio pushed out of (0, 1] by a perturbation is clamped: above 1 it is min-max again
+    assert torch.equal(fake_quantize_activation(x, 4, clip_ratio=torch.tensor(1.3)), fake_quantize_activation(x, 4))
+
+
+def test_activation_clip_ratio_gets_a_gradient():
+    ratio = torch.tensor(0.8, requires_grad=True)
+    x = torch.randn(4, 32)
+    (fake_quantize_activation(x, 4, clip_ratio=ratio) - x).pow(2).sum().backward()
+    assert ratio.grad is not None and ratio.grad != 0
+
+
+class _RecordingActivationExt:
+    """Stands in for the CUDA kernels: records each activation fake-quantization it is handed."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def fake_quant_activation(self, x, out, bits, group_size) -> None:
+        self.calls += 1
+        out.copy_(x)
+
+
+def test_the_activation_kernel_is_dispatched_without_a_clip_ratio_only(monkeypatch):
+    """The CUDA kernel has no clipping: with a ratio the PyTorch path must run, without one the kernel."""
+    from zqat_peft.quant import primitives
+
+    ext = _RecordingActivationExt()
+    monkeypatch.setattr(primitives, "cuda_kernels_for", lambda *tensors: ext)
+    x = torch.tensor([[-1.0, 0.0, 0.3, 2.0]])
+    fake_quantize_activation(x, 4)
+    assert ext.calls == 1
+    clipped = fake_quantize_activation(x, 4, clip_ratio=torch.tensor(0.5))
+    assert ext.calls == 1 and not torch.equal(clipped, x)
+
+
 # ---------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------

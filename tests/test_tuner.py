@@ -377,6 +377,43 @@ def test_trainable_none_packs_every_layer_and_zo_trains_only_the_modules_to_save
     assert moved == {p.name for p in params}  # the norms moved; no packed code, scale or zero point did
 
 
+def test_act_clip_is_refused_outside_0_1_and_without_quantized_activations():
+    for ratio in (0.0, 1.2):
+        with pytest.raises(ValueError, match=r"act_clip .* in \(0, 1\]"):
+            ZeroQATConfig(a_bits=4, act_clip=ratio)
+    with pytest.raises(ValueError, match=r"a_bits=16 quantizes none"):
+        ZeroQATConfig(act_clip=0.9)
+
+
+def test_act_clip_is_a_ratio_per_layer_that_the_forward_uses_zo_trains_and_the_adapter_saves(tmp_path):
+    def w4a4(**kwargs):
+        return get_peft_model(tiny_model(), ZeroQATConfig(w_bits=4, a_bits=4, group_size=-1, **kwargs))
+
+    batch = tiny_batch()
+    model = w4a4(trainable="scales", act_clip=0.8)
+    layers = _zqat_layers(model)
+    assert all(float(layer.zqat_act_clip["default"].detach()) == pytest.approx(0.8) for layer in layers)
+    assert not torch.equal(_logits(model, batch), _logits(w4a4(trainable="scales"), batch))
+    params = zo_parameters(model)
+    clips = [p for p in params if ".zqat_act_clip." in p.name]
+    assert len(clips) == len(layers)
+    optimizer = ZOOptimizer(params, lr=1e-2, eps=1e-2, step="relative")
+    ids = batch["input_ids"]
+    (seed,) = optimizer.seeds
+    pos, neg = spsa_losses(params, lambda: model(input_ids=ids, labels=ids).loss, seed, optimizer.eps)
+    optimizer.accumulate((pos.double() - neg.double()).reshape(1))
+    optimizer.step()
+    trained = [float(p.param) for p in clips]
+    assert all(r != pytest.approx(0.8, abs=1e-9) for r in trained)
+    expected = _logits(model, batch)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    assert [float(layer.zqat_act_clip["default"]) for layer in _zqat_layers(loaded)] == trained
+    assert torch.equal(_logits(loaded, batch), expected)
+    frozen = w4a4(trainable="none", act_clip=0.8, modules_to_save=["norm"])
+    assert not any(".zqat_act_clip." in p.name for p in zo_parameters(frozen))
+
+
 def test_unsupported_bits_are_refused():
     with pytest.raises(ValueError, match=r"2, 3, 4, 8"):
         ZeroQATConfig(w_bits=5)

@@ -130,6 +130,9 @@ def _value(source, base, module_name: str, name: str, param, dtype, device) -> t
         return torch.full(param.shape, CLIP_INIT_LOGIT, dtype=torch.float32, device=device)
     if module_name.endswith(".zqat_input_scale"):
         return torch.ones(param.shape, dtype=torch.float32, device=device)
+    if module_name.endswith(".zqat_act_clip"):  # the config's initial ratio, which the layer's spec holds
+        spec = base.get_submodule(module_name.rpartition(".")[0]).zqat_spec[name]
+        return torch.tensor(spec.act_clip, dtype=torch.float32, device=device)
     if module_name.endswith(".base_layer") and name == "weight":
         return torch.empty(0, dtype=dtype, device=device)  # ZQATLinear holds the weight
     return source.get(key, param.shape, dtype, device)

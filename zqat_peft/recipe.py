@@ -34,7 +34,7 @@ TRAIN_LOSSES = ("ce", "distill")
 GENERATED = "generated"  # train.data: text sampled from the full-precision model, not a corpus
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_KEYS = (
-    "w_bits", "a_bits", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
+    "w_bits", "a_bits", "act_clip", "kv_bits", "group_size", "symmetric", "target_modules", "exclude_modules", "trainable",
     "trainable_modules", "init", "smooth", "calib_epochs", "calib_lr", "calib_smooth_lr", "calib_alpha",
     "calib_refine_epochs", "calib_refine_lr", "rounding", "gptq_damp", "gptq_block_size", "gptq_act_order",
     "gptq_master", "rotate", "rotation_seed", "online_hadamard", "modules_to_save",
@@ -98,6 +98,7 @@ NON_NEGATIVE = Range(integer=False, low=0)
 RANGES: dict[str, Range] = {
     "seed": Range(integer=True, low=0, high=2**32 - 1),  # numpy's seeds are 32-bit
     "quant.group_size": Range(integer=True, low=1, also=(-1,)),
+    "quant.act_clip": Range(integer=False, low=0, high=1, low_open=True),  # the fraction of a token's range kept
     "quant.calib_epochs": _count(low=0),  # 0: the smoothing scales' initial values, nothing learned
     "quant.calib_lr": NON_NEGATIVE,
     "quant.calib_smooth_lr": NON_NEGATIVE,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import dequantize_weight, fake_quantize_activation, quantize_weight, weight_qparams
+from ..quant import dequantize_weight, quantize_weight, weight_qparams
 from ..tuner.config import ZeroQATConfig
 from ..tuner.layer import CLIP_INIT_LOGIT, ZQATLinear
 from .blocks import BlockInput, run_block
@@ -126,4 +126,4 @@ def _stage_hessians(block, stage, inputs, dtype, adapter) -> dict[ZQATLinear, to
 
 def _matmul_input(layer: ZQATLinear, x: torch.Tensor, adapter: str) -> torch.Tensor:
     """What the layer multiplies its weight with: its input, rotated, smoothed and activation-quantized."""
-    return fake_quantize_activation(layer.smoothed_input(x, adapter), layer.zqat_spec[adapter].a_bits)
+    return layer.quantized_input(x, adapter)

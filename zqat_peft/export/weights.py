@@ -186,7 +186,8 @@ def warn_dropped_activation_quantization(model: nn.Module) -> list[str]:
     for layer in zqat_layers(model).values():
         for spec in layer.zqat_spec.values():
             if spec.a_bits < 16:
-                dropped.add(f"input activations at {spec.a_bits} bits")
+                clipped = ", clipped to a trained fraction of each token's range" if layer.zqat_act_clip else ""
+                dropped.add(f"input activations at {spec.a_bits} bits{clipped}")
             if spec.out_bits < 16:
                 dropped.add(f"key/value outputs at {spec.out_bits} bits")
     if dropped:

@@ -3,6 +3,7 @@
 from .packing import dequantize_packed, pack_int, packed_kernel_for, packed_linear, packed_shape, unpack_int
 from .primitives import (
     ACT_BITS,
+    MIN_CLIP_RATIO,
     WEIGHT_BITS,
     check_act_bits,
     check_weight_bits,
@@ -18,6 +19,7 @@ from .primitives import (
 
 __all__ = [
     "ACT_BITS",
+    "MIN_CLIP_RATIO",
     "WEIGHT_BITS",
     "check_act_bits",
     "check_weight_bits",

@@ -32,6 +32,9 @@ ACT_BITS: tuple[int, ...] = (4, 6, 8, 16)
 # Lower bound on scales: an all-zero group would otherwise give scale 0 and divide by zero.
 # 1e-8 is far below any real weight/activation range, so it only ever triggers on such groups.
 _MIN_SCALE = 1e-8
+# The smallest activation clipping ratio: below it a token's range is mostly saturated (a ZO perturbation may push
+# a trained ratio anywhere; the forward clamps it here and to 1).
+MIN_CLIP_RATIO = 0.05
 _M32 = 0xFFFFFFFF  # the noise kernels take seed and key mod 2**32, as zqat_peft.noise does
 
 
@@ -281,7 +284,9 @@ def fake_quantize_weight(
     return fake.reshape(out_features, in_features).to(dtype)
 
 
-def fake_quantize_activation(x: Tensor, bits: int, group_size: int = -1) -> Tensor:
+def fake_quantize_activation(
+    x: Tensor, bits: int, group_size: int = -1, clip_ratio: Optional[Tensor] = None
+) -> Tensor:
     """Per-token dynamic asymmetric fake quantization along the last dimension.
 
     Each token (and, with ``group_size``, each slice of ``group_size`` channels, e.g. one
@@ -291,6 +296,10 @@ def fake_quantize_activation(x: Tensor, bits: int, group_size: int = -1) -> Tens
         x: [..., D], any float dtype (computed in float32).
         bits: one of ``ACT_BITS``; 16 returns ``x`` itself unchanged.
         group_size: -1 for the whole last dim, else a positive divisor of D.
+        clip_ratio: a scalar tensor in (0, 1] (clamped to [``MIN_CLIP_RATIO``, 1]): each range is shrunk to
+            this fraction of itself and the values beyond it saturate (QuaRot clips activations at 0.9). At 4
+            bits a few outlier values per token otherwise set a step too coarse for the rest. None: no clipping.
+            The CUDA kernel has no clipping: with a ratio the PyTorch path runs on every device.
 
     Returns:
         Tensor with the shape and dtype of ``x``. Differentiable via ``round_ste``.
@@ -300,7 +309,7 @@ def fake_quantize_activation(x: Tensor, bits: int, group_size: int = -1) -> Tens
         return x
     last = x.shape[-1]
     group_size = resolve_group_size(group_size, last, layer_name="activation")
-    ext = cuda_kernels_for(x)
+    ext = cuda_kernels_for(x) if clip_ratio is None else None
     if ext is not None:
         out = torch.empty_like(x)
         ext.fake_quant_activation(x, out, bits, group_size)
@@ -310,6 +319,9 @@ def fake_quantize_activation(x: Tensor, bits: int, group_size: int = -1) -> Tens
     qmax = 2**bits - 1
     xmin = groups.amin(dim=-1, keepdim=True).clamp(max=0.0)
     xmax = groups.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    if clip_ratio is not None:
+        ratio = clip_ratio.float().clamp(MIN_CLIP_RATIO, 1.0)
+        xmin, xmax = xmin * ratio, xmax * ratio
     scale = ((xmax - xmin) / qmax).clamp(min=_MIN_SCALE)
     zero = torch.round(-xmin / scale)
     codes = (round_ste(groups / scale) + zero).clamp(0, qmax)

@@ -55,6 +55,12 @@ class ZeroQATConfig(PeftConfig):
 
     w_bits: int = field(default=4, metadata={"help": f"Weight bits, one of {WEIGHT_BITS}."})
     a_bits: int = field(default=16, metadata={"help": f"Activation bits, one of {ACT_BITS}; 16 = weight-only."})
+    act_clip: float = field(
+        default=1.0,
+        metadata={"help": "With a_bits < 16: the fraction of each token's activation range the quantizer keeps (values "
+                          "beyond it saturate), one trainable ratio per layer starting here; 1.0 = min-max, no clipping "
+                          "(QuaRot clips at 0.9). ZO trains the ratios with the layer's weights or scales."},
+    )
     kv_bits: int = field(
         default=16,
         metadata={
@@ -151,6 +157,12 @@ class ZeroQATConfig(PeftConfig):
         check_weight_bits(self.w_bits)
         check_act_bits(self.a_bits, "a_bits")
         check_act_bits(self.kv_bits, "kv_bits")
+        if not 0 < self.act_clip <= 1:
+            raise ValueError(f"act_clip is the fraction of each token's activation range kept, in (0, 1]; got "
+                             f"{self.act_clip}.")
+        if self.act_clip != 1 and self.a_bits == 16:
+            raise ValueError(f"act_clip={self.act_clip} clips quantized activations, and a_bits=16 quantizes none: set "
+                             "a_bits (e.g. 4) or leave act_clip at 1.0.")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size must be a positive number of weights or -1 (per channel), got {self.group_size}.")
         if self.trainable not in TRAINABLE_MODES:

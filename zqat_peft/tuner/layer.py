@@ -77,6 +77,7 @@ class LayerQuantSpec:
     out_bits: int  # 16 = output not quantized (keys/values)
     out_group_size: int  # per attention head along the output
     smooth: bool = False  # holds a per-input-channel scale (smoothing)
+    act_clip: float = 1.0  # the initial clipping ratio of the input's per-token range (1.0: none, no parameter)
     # A fused query/key/value projection: its output is blocks of `out_block_heads` heads whose first
     # `out_query_heads` are queries, which stay in full precision. 0 = every output head is a key or value.
     out_block_heads: int = 0
@@ -86,7 +87,8 @@ class LayerQuantSpec:
 
 class ZQATLayer(BaseTunerLayer):
     # Floating tensors that peft toggles requires_grad on; which of them ZO trains is set per layer below.
-    adapter_layer_names = ("zqat_weight", "zqat_clip_lower", "zqat_clip_upper", "zqat_scales", "zqat_input_scale")
+    adapter_layer_names = ("zqat_weight", "zqat_clip_lower", "zqat_clip_upper", "zqat_scales", "zqat_input_scale",
+                           "zqat_act_clip")
     # Integer storage: never cast, never trainable, saved with the adapter.
     other_param_names = ("zqat_qweight", "zqat_zeros", "zqat_spec")
 
@@ -97,6 +99,7 @@ class ZQATLayer(BaseTunerLayer):
         self.zqat_clip_upper = nn.ParameterDict({})
         self.zqat_scales = nn.ParameterDict({})
         self.zqat_input_scale = nn.ParameterDict({})
+        self.zqat_act_clip = nn.ParameterDict({})
         self.zqat_qweight = BufferDict({}, persistent=True)
         self.zqat_zeros = BufferDict({}, persistent=True)
         self.zqat_input_hadamard = nn.ModuleDict({})  # rebuilt from the spec, nothing saved
@@ -129,6 +132,9 @@ class ZQATLayer(BaseTunerLayer):
         if spec.smooth:
             ones = torch.ones(self.in_features, dtype=torch.float32, device=weight.device)
             self.zqat_input_scale[adapter_name] = nn.Parameter(ones, requires_grad=False)
+        if spec.act_clip != 1.0:
+            ratio = torch.tensor(spec.act_clip, dtype=torch.float32, device=weight.device)
+            self.zqat_act_clip[adapter_name] = nn.Parameter(ratio, requires_grad=False)
         if spec.input_hadamard:
             if spec.input_hadamard != self.in_features:
                 raise ValueError(f"an online Hadamard of size {spec.input_hadamard} cannot rotate an input of "
@@ -140,6 +146,8 @@ class ZQATLayer(BaseTunerLayer):
             frozen.append("zqat_weight")
         if not train_scales:
             frozen.append("zqat_scales")
+        if not (trained or train_scales):  # the clipping ratio trains with whatever else of the layer trains
+            frozen.append("zqat_act_clip")
         self.frozen_peft_weight_names = {adapter_name: tuple(frozen)}
         self.set_adapter(self.active_adapters)
 
@@ -184,6 +192,13 @@ class ZQATLayer(BaseTunerLayer):
         if adapter_name in self.zqat_input_scale:
             x = x * self.zqat_input_scale[adapter_name].to(x.dtype)
         return x
+
+    def quantized_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """What the layer multiplies its weight with: the smoothed input, fake-quantized per token at a_bits
+        within the layer's clipping ratio (if it has one)."""
+        clip_ratio = self.zqat_act_clip[adapter_name] if adapter_name in self.zqat_act_clip else None
+        return fake_quantize_activation(self.smoothed_input(x, adapter_name), self.zqat_spec[adapter_name].a_bits,
+                                        clip_ratio=clip_ratio)
 
     def master_weight(self, adapter_name: str) -> torch.Tensor:
         """The full-precision weight the forward sees (perturbed while a ``WeightNoise`` is set), [out, in]."""
@@ -266,12 +281,12 @@ class ZQATLinear(nn.Module, ZQATLayer):
             return self.base_layer(x, *args, **kwargs)
         adapter = self.active_adapters[0]
         spec = self.zqat_spec[adapter]
-        x = self.smoothed_input(x, adapter)
         if not self.fake_quant:
             if self.is_packed(adapter):
                 raise RuntimeError("A packed layer has no full-precision weight to run with fake_quant=False.")
+            x = self.smoothed_input(x, adapter)
             return F.linear(x, self.master_weight(adapter).to(x.dtype), self.base_layer.bias)
-        x = fake_quantize_activation(x, spec.a_bits)
+        x = self.quantized_input(x, adapter)
         if self.is_packed(adapter):  # the codes go to the kernel with the scales as they are now (perturbed or not)
             y = packed_linear(x, self.zqat_qweight[adapter], self.zqat_scales[adapter], self.zqat_zeros[adapter],
                               spec.w_bits, self.in_features, self.base_layer.bias)

@@ -55,6 +55,7 @@ class ZeroQATModel(BaseTuner):
             group_size=resolve_group_size(config.group_size, target.in_features, current_key),
             symmetric=config.symmetric,
             a_bits=config.a_bits,
+            act_clip=config.act_clip,
             out_bits=config.kv_bits if quantizes_output else 16,
             out_group_size=head_dim,
             smooth=config.smooths,
