@@ -277,6 +277,14 @@ def test_scale_refinement_lowers_the_output_error_with_quantized_activations(bat
     assert _logit_error(refined, batches) < 0.95 * _logit_error(plain, batches)
 
 
+def test_scale_refinement_fits_the_activation_clipping_ratios_too(batches):
+    w4a4 = dict(w_bits=4, a_bits=4, group_size=-1, act_clip=0.9)
+    plain, refined = _refined(batches, 0, **w4a4), _refined(batches, 8, **w4a4)
+    ratios = [float(layer.zqat_act_clip["default"].detach()) for layer in _packed_layers(refined).values()]
+    assert len(ratios) == len(_packed_layers(plain)) and all(r != pytest.approx(0.9, abs=1e-6) for r in ratios)
+    assert _logit_error(refined, batches) < 0.95 * _logit_error(plain, batches)
+
+
 def test_scale_refinement_moves_the_saved_norms_only_and_they_save_and_reload(tmp_path, batches):
     model = _refined(batches, 2, modules_to_save=NORMS)
     base = tiny_model()

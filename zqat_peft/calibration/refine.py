@@ -5,7 +5,8 @@ they are fixed, a group's scale is a free factor of its 64 weights, and the bloc
 than the grid search did: a few epochs of Adam on the block's output MSE against its full-precision output
 (the block-wise reconstruction of the ZeroQAT paper's initialization, here on the scales of packed layers
 only, so the codes GPTQ chose are kept). The RMSNorm weights the adapter saves (``modules_to_save``) move
-with them: a per-input-channel factor the per-group scales cannot express.
+with them: a per-input-channel factor the per-group scales cannot express; so do the layers' activation clipping
+ratios (``act_clip``), whose best value depends on the scales and the block around them.
 
 Each tensor p is trained as p0 * (1 + d) with d starting at zero, so one learning rate is a relative step
 for scales that differ by orders of magnitude between layers.
@@ -32,7 +33,8 @@ def refine_block(
     epochs: int,
     lr: float,
 ) -> None:
-    """Train the packed layers' scales and the block's saved norm copies on the block output; write them back."""
+    """Train the packed layers' scales and clipping ratios and the block's saved norm copies on the block output;
+    write them back."""
     tensors = _refined_tensors(block, layers, adapter)
     if not tensors or not epochs:
         return
@@ -55,8 +57,11 @@ def refine_block(
 
 
 def _refined_tensors(block: nn.Module, layers: list[ZQATLinear], adapter: str) -> list[tuple[nn.Module, str]]:
-    """(holder, name) of each tensor refinement trains: packed scales, then the saved norms' weights."""
+    """(holder, name) of each tensor refinement trains: packed scales, activation clipping ratios, then the saved
+    norms' weights."""
     tensors = [(layer.zqat_scales, adapter) for layer in layers if layer.is_packed(adapter)]
+    tensors += [(layer.zqat_act_clip, adapter) for layer in layers
+                if layer.is_packed(adapter) and adapter in layer.zqat_act_clip]
     for module in block.modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             copy = module.modules_to_save[adapter]

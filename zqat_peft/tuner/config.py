@@ -110,8 +110,9 @@ class ZeroQATConfig(PeftConfig):
     calib_alpha: float = field(default=0.5, metadata={"help": "SmoothQuant migration strength of the initial scales."})
     calib_refine_epochs: int = field(
         default=0,
-        metadata={"help": "After rounding: epochs of Adam on the packed layers' per-group scales (codes kept) and the "
-                          "block's modules_to_save norms, against the block's full-precision output (0: none)."},
+        metadata={"help": "After rounding: epochs of Adam on the packed layers' per-group scales (codes kept), their "
+                          "act_clip ratios and the block's modules_to_save norms, against the block's full-precision "
+                          "output (0: none)."},
     )
     calib_refine_lr: float = field(
         default=1e-3, metadata={"help": "Learning rate of scale refinement, a relative step (p0 * (1 + d))."}
