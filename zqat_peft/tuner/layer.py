@@ -14,6 +14,10 @@ With smoothing (weight-activation settings), ``zqat_input_scale`` holds 1/s per 
 layer computes (x / s) @ (W s)^T, exact for any architecture, with s already folded into the master
 weight (or codes). Calibration learns s.
 
+With ``act_clip`` below 1 (``spec.act_clip``), ``zqat_act_clip`` holds the layer's clipping ratio of its input's
+per-token range (a scalar the scale refinement and ZO training move); the input is quantized within that fraction of
+each token's [min, max].
+
 With an online Hadamard (``spec.input_hadamard``, down_proj of a rotated model), the layer first multiplies
 its input by the orthogonal Hadamard matrix H; its weight is then W H (fused at rotation time), so it computes
 (x H) @ (W H)^T = x @ W^T in float while the quantized activations are those of x H. Smoothing then acts
