@@ -80,6 +80,7 @@ def _save_adapter(folder: Path, config=None, model=None) -> Path:
 OUT_OF_RANGE = {
     "seed": (-1, "an integer in [0, 4294967295]"),
     "quant.group_size": (0, "an integer >= 1 or -1"),
+    "quant.act_clip": (0, "a number in (0, 1]"),
     "quant.calib_epochs": (-1, "an integer >= 0"),
     "quant.calib_lr": (-0.01, "a number >= 0"),
     "quant.calib_smooth_lr": (-1, "a number >= 0"),
