@@ -58,8 +58,9 @@ class ZeroQATConfig(PeftConfig):
     act_clip: float = field(
         default=1.0,
         metadata={"help": "With a_bits < 16: the fraction of each token's activation range the quantizer keeps (values "
-                          "beyond it saturate), one trainable ratio per layer starting here; 1.0 = min-max, no clipping "
-                          "(QuaRot clips at 0.9). ZO trains the ratios with the layer's weights or scales."},
+                          "beyond it saturate), one ratio per layer starting here, which the scale refinement and ZO "
+                          "(with the layer's weights or scales) train; 1.0 = min-max, and then no ratio exists to "
+                          "train (QuaRot clips at 0.9)."},
     )
     kv_bits: int = field(
         default=16,
