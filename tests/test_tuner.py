@@ -314,7 +314,7 @@ def test_disabling_the_adapter_is_refused_and_leaves_it_working():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(trainable="partial"), r"trainable must be one of \('full', 'lightweight', 'scales', 'none'\), got 'partial'"),
+    (dict(trainable="partial"), r"trainable must be one of \('full', 'lightweight', 'scales', 'act_clip', 'none'\), got 'partial'"),
     (dict(init="gptq"), r"init must be one of \('rtn', 'calibrate'\), got 'gptq'"),
     (dict(trainable="lightweight", trainable_modules=[]), r"trainable='lightweight' needs trainable_modules"),
 ])
@@ -356,6 +356,16 @@ def test_trained_norms_are_trainable_saved_and_loaded(tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
+def _zo_steps(model, params, ids: torch.Tensor, steps: int) -> None:
+    """Relative SPSA steps on the language-model loss of ``ids``."""
+    optimizer = ZOOptimizer(params, lr=1e-2, eps=1e-2, step="relative")
+    for _ in range(steps):
+        (seed,) = optimizer.seeds
+        pos, neg = spsa_losses(params, lambda: model(input_ids=ids, labels=ids).loss, seed, optimizer.eps)
+        optimizer.accumulate((pos.double() - neg.double()).reshape(1))
+        optimizer.step()
+
+
 def test_trainable_none_packs_every_layer_and_zo_trains_only_the_modules_to_save():
     norms = ["input_layernorm", "post_attention_layernorm", "norm"]
     with pytest.raises(ValueError, match=r"trainable='none' .* nothing would be trained"):
@@ -366,13 +376,7 @@ def test_trainable_none_packs_every_layer_and_zo_trains_only_the_modules_to_save
     before = {name: t.detach().clone() for name, t in model.state_dict().items()}  # parameters and buffers
     params = zo_parameters(model)
     assert len(params) == 2 * 2 + 1 and all(".modules_to_save.default.weight" in p.name for p in params)
-    optimizer = ZOOptimizer(params, lr=1e-2, eps=1e-2, step="relative")
-    ids = tiny_batch()["input_ids"]
-    for _ in range(2):
-        (seed,) = optimizer.seeds
-        pos, neg = spsa_losses(params, lambda: model(input_ids=ids, labels=ids).loss, seed, optimizer.eps)
-        optimizer.accumulate((pos.double() - neg.double()).reshape(1))
-        optimizer.step()
+    _zo_steps(model, params, tiny_batch()["input_ids"], steps=2)
     moved = {name for name, t in model.state_dict().items() if not torch.equal(t, before[name])}
     assert moved == {p.name for p in params}  # the norms moved; no packed code, scale or zero point did
 
@@ -397,12 +401,7 @@ def test_act_clip_is_a_ratio_per_layer_that_the_forward_uses_zo_trains_and_the_a
     params = zo_parameters(model)
     clips = [p for p in params if ".zqat_act_clip." in p.name]
     assert len(clips) == len(layers)
-    optimizer = ZOOptimizer(params, lr=1e-2, eps=1e-2, step="relative")
-    ids = batch["input_ids"]
-    (seed,) = optimizer.seeds
-    pos, neg = spsa_losses(params, lambda: model(input_ids=ids, labels=ids).loss, seed, optimizer.eps)
-    optimizer.accumulate((pos.double() - neg.double()).reshape(1))
-    optimizer.step()
+    _zo_steps(model, params, batch["input_ids"], steps=1)
     trained = [float(p.param) for p in clips]
     assert all(r != pytest.approx(0.8, abs=1e-9) for r in trained)
     expected = _logits(model, batch)
@@ -412,6 +411,22 @@ def test_act_clip_is_a_ratio_per_layer_that_the_forward_uses_zo_trains_and_the_a
     assert torch.equal(_logits(loaded, batch), expected)
     frozen = w4a4(trainable="none", act_clip=0.8, modules_to_save=["norm"])
     assert not any(".zqat_act_clip." in p.name for p in zo_parameters(frozen))
+
+
+def test_trainable_act_clip_packs_every_layer_and_zo_trains_only_the_clipping_ratios():
+    for bad in (dict(a_bits=4), dict(act_clip=1.0, a_bits=16)):
+        with pytest.raises(ValueError, match=r"trainable='act_clip' .* have none"):
+            ZeroQATConfig(trainable="act_clip", **bad)
+    config = ZeroQATConfig(w_bits=4, a_bits=4, group_size=-1, act_clip=0.8, trainable="act_clip")
+    model = get_peft_model(tiny_model(), config)
+    layers = _zqat_layers(model)
+    assert layers and all(layer.is_packed("default") for layer in layers)
+    before = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    params = zo_parameters(model)
+    assert len(params) == len(layers) and all(".zqat_act_clip." in p.name for p in params)
+    _zo_steps(model, params, tiny_batch()["input_ids"], steps=1)
+    moved = {name for name, t in model.state_dict().items() if not torch.equal(t, before[name])}
+    assert moved == {p.name for p in params}  # the ratios moved; no packed code, scale or zero point did
 
 
 def test_unsupported_bits_are_refused():

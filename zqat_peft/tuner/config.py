@@ -10,7 +10,7 @@ from peft import PeftConfig
 from ..quant import ACT_BITS, WEIGHT_BITS, check_act_bits, check_weight_bits
 from .registration import zqat_peft_type
 
-TRAINABLE_MODES = ("full", "lightweight", "scales", "none")
+TRAINABLE_MODES = ("full", "lightweight", "scales", "act_clip", "none")
 INIT_MODES = ("rtn", "calibrate")
 ROUNDING_MODES = ("nearest", "gptq")
 GPTQ_MASTERS = ("rounded", "compensated")
@@ -30,8 +30,10 @@ class ZeroQATConfig(PeftConfig):
     ``trainable`` picks which layers are trained:
     ``"full"`` every targeted layer; ``"lightweight"`` only ``trainable_modules`` (q_proj/v_proj by
     default), the rest packed and frozen; ``"scales"`` every layer packed, only the per-group scales
-    are trained (QZO-style); ``"none"`` every layer packed and frozen, only ``modules_to_save`` trained
-    (e.g. the RMSNorm weights: a few thousand per-channel factors in place of millions of scales).
+    are trained (QZO-style); ``"act_clip"`` every layer packed, only its activation clipping ratio
+    (``act_clip`` < 1: one number per layer) trained; ``"none"`` every layer packed and frozen, only
+    ``modules_to_save`` trained (e.g. the RMSNorm weights: a few thousand per-channel factors in place of
+    millions of scales). ``modules_to_save`` train with any mode.
 
     ``kv_bits < 16`` fake-quantizes the *outputs of the key and value projections* (``kv_modules``), per
     token and attention head. That is where ZeroQAT's layers sit: transformers applies rotary position
@@ -59,8 +61,8 @@ class ZeroQATConfig(PeftConfig):
         default=1.0,
         metadata={"help": "With a_bits < 16: the fraction of each token's activation range the quantizer keeps (values "
                           "beyond it saturate), one ratio per layer starting here, which the scale refinement and ZO "
-                          "(with the layer's weights or scales) train; 1.0 = min-max, and then no ratio exists to "
-                          "train (QuaRot clips at 0.9)."},
+                          "(with the layer's weights or scales, or alone with trainable='act_clip') train; 1.0 = "
+                          "min-max, and then no ratio exists to train (QuaRot clips at 0.9)."},
     )
     kv_bits: int = field(
         default=16,
@@ -80,7 +82,7 @@ class ZeroQATConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules not to quantize (names, suffixes or a regex)."}
     )
-    trainable: Literal["full", "lightweight", "scales", "none"] = field(
+    trainable: Literal["full", "lightweight", "scales", "act_clip", "none"] = field(
         default="full", metadata={"help": f"Which parameters the ZO trainer updates: one of {TRAINABLE_MODES}."}
     )
     trainable_modules: list[str] = field(
@@ -178,6 +180,10 @@ class ZeroQATConfig(PeftConfig):
             raise ValueError("trainable='none' trains no parameter of the quantized layers, only modules_to_save, "
                              "and none is set: nothing would be trained. Name them (e.g. modules_to_save="
                              "['input_layernorm', 'post_attention_layernorm', 'norm']) or use trainable='scales'.")
+        if self.trainable == "act_clip" and (self.a_bits == 16 or self.act_clip == 1):
+            raise ValueError(f"trainable='act_clip' trains each layer's activation clipping ratio, and with a_bits="
+                             f"{self.a_bits}, act_clip={self.act_clip} the layers have none: set a_bits below 16 and "
+                             "act_clip below 1 (e.g. a_bits=4, act_clip=0.85), or use trainable='scales'.")
         if self.modules_to_save is not None and (
                 isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save)):
             raise ValueError(f"modules_to_save takes a list of module names (e.g. ['input_layernorm', "
@@ -201,7 +207,7 @@ class ZeroQATConfig(PeftConfig):
             raise ValueError("calib_refine_epochs refines scales on calibration inputs: it needs init='calibrate'.")
         if self.calib_refine_epochs and self.trainable == "full":
             raise ValueError("calib_refine_epochs refines the scales of packed layers, and trainable='full' packs none "
-                             "(ZO trains every master weight): use trainable='scales', 'lightweight' or 'none', or no "
+                             "(ZO trains every master weight): use trainable='scales', 'lightweight', 'act_clip' or 'none', or no "
                              "refinement.")
         if self.gptq_damp < 0 or self.gptq_block_size < 1:
             raise ValueError(f"gptq_damp must be >= 0 and gptq_block_size >= 1, got {self.gptq_damp} and "
@@ -215,7 +221,7 @@ class ZeroQATConfig(PeftConfig):
         """Whether the layer called `module_name` keeps a master weight that ZO training updates."""
         if self.trainable == "full":
             return True
-        if self.trainable in ("scales", "none"):
+        if self.trainable in ("scales", "act_clip", "none"):
             return False
         return any(_matches_suffix(module_name, s) for s in self.trainable_modules)
 

@@ -121,7 +121,8 @@ class ZQATLayer(BaseTunerLayer):
             raise TypeError(f"ZeroQAT quantizes nn.Linear layers only, got {type(base).__name__}.")
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    def update_layer(self, adapter_name: str, spec: LayerQuantSpec, trained: bool, train_scales: bool) -> None:
+    def update_layer(self, adapter_name: str, spec: LayerQuantSpec, trained: bool, train_scales: bool,
+                     train_act_clip: bool) -> None:
         """Take the base layer's weight as this adapter's master weight, then free the base copy."""
         if self.zqat_spec:
             raise ValueError("A ZeroQAT layer holds one adapter: quantization settings do not stack.")
@@ -150,7 +151,7 @@ class ZQATLayer(BaseTunerLayer):
             frozen.append("zqat_weight")
         if not train_scales:
             frozen.append("zqat_scales")
-        if not (trained or train_scales):  # the clipping ratio trains with whatever else of the layer trains
+        if not train_act_clip:
             frozen.append("zqat_act_clip")
         self.frozen_peft_weight_names = {adapter_name: tuple(frozen)}
         self.set_adapter(self.active_adapters)
@@ -267,12 +268,13 @@ class ZQATLinear(nn.Module, ZQATLayer):
         spec: LayerQuantSpec,
         trained: bool,
         train_scales: bool,
+        train_act_clip: bool,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         ZQATLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, spec, trained=trained, train_scales=train_scales)
+        self.update_layer(adapter_name, spec, trained=trained, train_scales=train_scales, train_act_clip=train_act_clip)
         self.register_load_state_dict_pre_hook(_pack_before_loading_packed_state)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

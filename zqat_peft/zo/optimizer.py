@@ -121,8 +121,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if mask == "rounding" and all(p.mask() is None for p in params):  # the first step's masks, kept for it
             raise ValueError(
                 "zo_mask='rounding' masks the master weights of quantized layers, and no trained parameter is one "
-                "(trainable='scales' or 'none' trains packed layers' scales or modules_to_save, which every "
-                "perturbation moves): use zo_mask='none'."
+                "(trainable='scales', 'act_clip' or 'none' trains packed layers' scales, clipping ratios or "
+                "modules_to_save, which every perturbation moves): use zo_mask='none'."
             )
         self.nonfinite_in_a_row = 0
         # the relative step's running second moment of the projected gradient, over `norm_count` finite steps
