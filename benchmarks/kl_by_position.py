@@ -4,7 +4,10 @@ ZO training distils on short windows (train.seq_len, 128 tokens in the CPU recip
 on 512-token windows: a training that brings the first positions closer to the full-precision model can move
 the later ones away. For each corpus (the wiki test split, and the Lee news and Austen text no recipe trains
 on), 512-token windows: the cross-entropy on the text, and KL(full precision || quantized) over the whole
-vocabulary, averaged over all positions, the first 128 and the rest. Prints a table and writes JSON.
+vocabulary, averaged over all positions, the first 128 and the rest; and for each adapter after the first, the
+change of its cross-entropy from the first's with the standard error of that paired difference over windows (a
+change smaller than about two of them is not told apart from which windows were drawn). Prints tables and writes
+JSON.
 
     python benchmarks/kl_by_position.py --recipe recipes/smollm2_w4a4_cpu.yaml --adapter init=PATH \
         --adapter trained=PATH --windows 16
@@ -43,20 +46,34 @@ def distances(model: torch.nn.Module, windows: torch.Tensor, reference: torch.Te
         ce.append(-lq[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1))
         kl.append((ref.exp() * (ref - lq)).sum(-1))
     ce, kl = torch.cat(ce), torch.cat(kl)
-    return {"ce": float(ce.mean()), "kl": float(kl.mean()), f"kl_first_{SPLIT_AT}": float(kl[:, :SPLIT_AT].mean()),
+    return {"ce": float(ce.mean()), "ce_per_window": ce.mean(-1).tolist(), "kl": float(kl.mean()), f"kl_first_{SPLIT_AT}": float(kl[:, :SPLIT_AT].mean()),
             f"kl_after_{SPLIT_AT}": float(kl[:, SPLIT_AT:].mean())}
+
+
+def print_paired_ce(rows: list[dict]) -> None:
+    """Each adapter's cross-entropy change from the first adapter's, per corpus, with its paired standard error."""
+    first = {r["corpus"]: torch.tensor(r["ce_per_window"]) for r in rows if r["adapter"] == rows[0]["adapter"]}
+    print(f"\n| adapter | corpus | ce - {rows[0]['adapter']}'s | paired standard error |\n|---|---|---|---|")
+    for r in rows:
+        if r["adapter"] != rows[0]["adapter"]:
+            diff = torch.tensor(r["ce_per_window"]) - first[r["corpus"]]
+            r["ce_change"], r["ce_change_se"] = float(diff.mean()), float(diff.std() / len(diff) ** 0.5)
+            print(f"| {r['adapter']} | {r['corpus']} | {r['ce_change']:+.4f} | {r['ce_change_se']:.4f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True, help="the recipe the adapters were trained with (base model)")
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=PATH")
-    parser.add_argument("--windows", type=int, default=16, help="512-token windows per corpus (the reference log-probabilities take 0.1 GB each)")
+    parser.add_argument("--windows", type=int, default=16,
+                        help="512-token windows per corpus (the reference log-probabilities take 0.1 GB each)")
+    parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=CORPORA)
     parser.add_argument("--out", default="benchmarks/results/kl_by_position.json")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     fp, tokenizer = load_model_and_tokenizer(recipe["model"])
-    windows = {c: token_windows(encode_joined(tokenizer, load_text(c, "test")), 512, args.windows) for c in CORPORA}
+    windows = {c: token_windows(encode_joined(tokenizer, load_text(c, "test")), 512, args.windows)
+               for c in args.corpora}
     references = {c: log_probs(fp, w) for c, w in windows.items()}
     del fp
     rows = []
@@ -68,6 +85,7 @@ def main() -> None:
             rows.append({"adapter": name, "corpus": corpus, "windows": len(w), **d})
             print(f"| {name} | {corpus} | {d['ce']:.4f} | {d['kl']:.4f} | {d[f'kl_first_{SPLIT_AT}']:.4f} | "
                   f"{d[f'kl_after_{SPLIT_AT}']:.4f} |", flush=True)
+    print_paired_ce(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
