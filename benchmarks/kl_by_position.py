@@ -46,8 +46,8 @@ def distances(model: torch.nn.Module, windows: torch.Tensor, reference: torch.Te
         ce.append(-lq[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1))
         kl.append((ref.exp() * (ref - lq)).sum(-1))
     ce, kl = torch.cat(ce), torch.cat(kl)
-    return {"ce": float(ce.mean()), "ce_per_window": ce.mean(-1).tolist(), "kl": float(kl.mean()), f"kl_first_{SPLIT_AT}": float(kl[:, :SPLIT_AT].mean()),
-            f"kl_after_{SPLIT_AT}": float(kl[:, SPLIT_AT:].mean())}
+    return {"ce": float(ce.mean()), "ce_per_window": ce.mean(-1).tolist(), "kl": float(kl.mean()),
+            f"kl_first_{SPLIT_AT}": float(kl[:, :SPLIT_AT].mean()), f"kl_after_{SPLIT_AT}": float(kl[:, SPLIT_AT:].mean())}
 
 
 def print_paired_ce(rows: list[dict]) -> None:

@@ -314,7 +314,8 @@ def test_disabling_the_adapter_is_refused_and_leaves_it_working():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(trainable="partial"), r"trainable must be one of \('full', 'lightweight', 'scales', 'act_clip', 'none'\), got 'partial'"),
+    (dict(trainable="partial"),
+     r"trainable must be one of \('full', 'lightweight', 'scales', 'act_clip', 'none'\), got 'partial'"),
     (dict(init="gptq"), r"init must be one of \('rtn', 'calibrate'\), got 'gptq'"),
     (dict(trainable="lightweight", trainable_modules=[]), r"trainable='lightweight' needs trainable_modules"),
 ])

@@ -207,8 +207,8 @@ class ZeroQATConfig(PeftConfig):
             raise ValueError("calib_refine_epochs refines scales on calibration inputs: it needs init='calibrate'.")
         if self.calib_refine_epochs and self.trainable == "full":
             raise ValueError("calib_refine_epochs refines the scales of packed layers, and trainable='full' packs none "
-                             "(ZO trains every master weight): use trainable='scales', 'lightweight', 'act_clip' or 'none', or no "
-                             "refinement.")
+                             "(ZO trains every master weight): use trainable='scales', 'lightweight', 'act_clip' or "
+                             "'none', or no refinement.")
         if self.gptq_damp < 0 or self.gptq_block_size < 1:
             raise ValueError(f"gptq_damp must be >= 0 and gptq_block_size >= 1, got {self.gptq_damp} and "
                              f"{self.gptq_block_size}.")
