@@ -225,6 +225,11 @@ class ZeroQATConfig(PeftConfig):
             return False
         return any(_matches_suffix(module_name, s) for s in self.trainable_modules)
 
+    def trains_act_clip(self, module_name: str) -> bool:
+        """Whether ZO training updates the layer's activation clipping ratio (if it has one): with whatever else
+        of the layer trains, or alone with trainable='act_clip'."""
+        return self.trainable in ("scales", "act_clip") or self.is_trained(module_name)
+
     def quantizes_output(self, module_name: str) -> bool:
         """Whether the layer's output is fake-quantized at kv_bits (the keys/values of attention)."""
         return self.kv_bits < 16 and any(_matches_suffix(module_name, s) for s in self.kv_modules)

@@ -63,15 +63,13 @@ class ZeroQATModel(BaseTuner):
             out_query_heads=query_heads,
             input_hadamard=target.in_features if config.rotates_input(current_key) else 0,
         )
-        trained = config.is_trained(current_key)
         new_module = ZQATLinear(
             target,
             adapter_name,
             spec,
-            trained=trained,
+            trained=config.is_trained(current_key),
             train_scales=config.trainable == "scales",
-            # the clipping ratio trains with whatever else of the layer trains, or alone
-            train_act_clip=trained or config.trainable in ("scales", "act_clip"),
+            train_act_clip=config.trains_act_clip(current_key),
         )
         self._replace_module(parent, target_name, new_module, target)
 
