@@ -57,7 +57,7 @@ from zqat_peft.data import load_model_and_tokenizer, load_text
 from zqat_peft.data.assets import resolve_model_path
 from zqat_peft.evaluation import encode_joined, perplexity, token_windows
 from zqat_peft.quant import fake_quantize_activation
-from zqat_peft.recipe import GENERATED, load_recipe
+from zqat_peft.recipe import GENERATED, held_out_corpora, load_recipe
 
 # name -> (the CPU recipe whose quantization settings and training the setting's rows use, overrides)
 RECIPES = {
@@ -228,20 +228,23 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
 
 
 def add_generated_windows_kept(args, fp: nn.Module, tokenizer, recipe: dict, data: dict) -> None:
-    """pipeline.add_generated_windows (``train.data: generated``), the windows kept under ``--models`` by the
-    model, their number, length and seed: sampling 800 windows of 128 tokens takes 20 minutes of one thread."""
+    """pipeline.add_generated_windows (``train.data`` or ``train.eval_data``: generated), the windows kept under
+    ``--models`` by the model, their number, length and seed: sampling 800 windows of 128 tokens takes 20 minutes
+    of one thread."""
     t = recipe["train"]
-    if t["data"] != GENERATED:
+    counts = {"train": pipeline.train_windows(t) if t["data"] == GENERATED else 0,
+              "validation": t["eval_windows"] if t["eval_steps"] and held_out_corpora(recipe) == [GENERATED] else 0}
+    splits = [s for s, n in counts.items() if n]
+    if not splits:
         return
-    held_out = t["eval_windows"] if t["eval_steps"] else 0
-    key = f"{args.model} {pipeline.train_windows(t)} {held_out} x {t['seq_len']} seed {recipe['seed']}"
+    key = f"{args.model} {counts['train']} {counts['validation']} x {t['seq_len']} seed {recipe['seed']}"
     path = Path(args.models) / "generated" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
         data.update({split: pipeline.TokenWindows(w) for split, w in torch.load(path).items()})
         return
     pipeline.add_generated_windows(fp, tokenizer, recipe, data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({s: data[s].windows for s in ("train", "validation") if s in data}, path)
+    torch.save({s: data[s].windows for s in splits}, path)
 
 
 def add_teacher_kept(args, fp: nn.Module, recipe: dict, data: dict) -> None:

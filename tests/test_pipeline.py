@@ -647,15 +647,21 @@ def test_end_to_end_on_the_real_model(tmp_path):
     assert again["wiki_ppl"] == pytest.approx(metrics["zeroqat"]["wiki_ppl"], rel=1e-6)
 
 
+def _word_corpora(folder: Path, words: tuple[str, ...]) -> list[str]:
+    """One text file per word, each line made of that word only (so a window's corpus shows in its tokens)."""
+    paths = []
+    for word in words:
+        path = folder / f"{word}.txt"
+        path.write_text("\n".join(f"{word} {word} {word} line {i}" for i in range(400)) + "\n")
+        paths.append(str(path))
+    return paths
+
+
 def test_training_on_several_corpora_alternates_their_windows(tiny_local_model, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_local_model)
-    corpora = []
-    for word in ("alpha", "omega"):
-        path = tmp_path / f"{word}.txt"
-        path.write_text("\n".join(f"{word} {word} {word} line {i}" for i in range(400)) + "\n")
-        corpora.append(str(path))
+    corpora = _word_corpora(tmp_path, ("alpha", "omega"))
     recipe = load_recipe(None, [f"model={tiny_local_model}", f"train.data=[{corpora[0]}, {corpora[1]}]",
                                 "train={seq_len: 16, batch_size: 2, steps: 3, eval_steps: 3, eval_windows: 4}",
                                 "eval={corpora: {wiki: wiki}, seq_len: 16, max_windows: 1}"])
@@ -667,6 +673,60 @@ def test_training_on_several_corpora_alternates_their_windows(tiny_local_model, 
     data = pipeline.prepare_data(recipe, tokenizer)
     assert len(data["validation"]) == 4
     assert [(w["input_ids"] == alpha).any().item() for w in data["validation"]] == [True, False, True, False]
+
+
+def test_the_held_out_check_reads_train_eval_data_not_the_training_corpus(tiny_local_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_local_model)
+    corpora = _word_corpora(tmp_path, ("alpha", "omega"))
+    recipe = load_recipe(None, [f"model={tiny_local_model}", f"train.data={corpora[0]}",
+                                f"train.eval_data={corpora[1]}",
+                                "train={seq_len: 16, batch_size: 2, steps: 3, eval_steps: 3, eval_windows: 4}",
+                                "eval={corpora: {wiki: wiki}, seq_len: 16, max_windows: 1}"])
+    assert corpora[1] in text_sources(recipe)  # fetched and checked like the training corpus
+    data = pipeline.prepare_data(recipe, tokenizer)
+    alpha, omega = (tokenizer(w).input_ids[-1] for w in (" alpha", " omega"))
+    assert all((w["input_ids"] == alpha).any().item() for w in data["train"])
+    assert len(data["validation"]) == 4
+    assert all((w["input_ids"] == omega).any().item() and not (w["input_ids"] == alpha).any().item()
+               for w in data["validation"])
+
+
+@pytest.mark.parametrize("eval_data, loss, message", [
+    ("generated", "ce", "train.eval_data: generated .* needs train.loss: distill"),
+    ("[wiki, generated]", "distill", "train.eval_data: generated .* alone"),
+    ("[]", "distill", "train.eval_data must be null"),
+])
+def test_a_held_out_check_on_text_it_cannot_score_is_refused(eval_data, loss, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [f"train.eval_data={eval_data}", f"train.loss={loss}"])
+
+
+def test_a_held_out_check_on_generated_text_samples_only_the_held_out_windows(tiny_local_model, tmp_path):
+    recipe = load_recipe(None, [
+        f"model={tiny_local_model}", "train.eval_data=generated",
+        "quant={w_bits: 4, group_size: 64, trainable: scales, init: rtn}",
+        "train={loss: distill, steps: 2, batch_size: 2, seq_len: 16, logging_steps: 1, eval_steps: 2, eval_windows: 3}",
+        "eval={corpora: {wiki: wiki}, seq_len: 64, max_windows: 2, batch_size: 2}",
+    ])
+    fp_model, tokenizer = pipeline.load_base(recipe, "cpu")
+    data = pipeline.prepare_data(recipe, tokenizer)
+    corpus_windows = data["train"].windows.clone()
+    assert "validation" not in data
+    model, _ = pipeline.quantized_model(recipe, "cpu", "rtn")
+    pipeline.add_teacher(fp_model, recipe, data)
+    with pytest.raises(ValueError, match="needs held-out windows: .*add_generated_windows"):
+        pipeline.train(model, recipe, data, tmp_path / "trainer", "cpu")
+    data = pipeline.prepare_data(recipe, tokenizer)
+    pipeline.add_generated_windows(fp_model, tokenizer, recipe, data)
+    assert torch.equal(data["train"].windows, corpus_windows)  # the training windows stay the corpus's
+    held_out = data["validation"].windows
+    assert held_out.shape == (3, 16) and not set(held_out[:, 0].tolist()) & set(tokenizer.all_special_ids)
+    pipeline.add_teacher(fp_model, recipe, data)
+    history = pipeline.train(model, recipe, data, tmp_path / "trainer", "cpu")
+    assert [e["step"] for e in history if "eval_loss" in e] == [0, 2]
+    assert "held-out check on 3 windows of text sampled from the full-precision model" in report(recipe, {}, {}, "cpu")
 
 
 @pytest.mark.parametrize("data", ["[]", "[wiki, 3]", "''"])

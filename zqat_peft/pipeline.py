@@ -52,7 +52,7 @@ from .data import load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
 from .files import check_file, read_mapping
 from .recipe import (DTYPES, GENERATED, RecipeError, calibrates, changed_keys, check_adapter_folder, check_sources,
-                     output_dir, quant_config, train_corpora)
+                     held_out_corpora, output_dir, quant_config, train_corpora)
 from .report import format_value, loss_figure, report
 from .zo import DivergenceGuard, ZOTrainer, ZOTrainingArguments
 
@@ -237,13 +237,14 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
             answers = finetune.answer_tokens(data["test"], data["train"] + data.get("validation", []))
             data["loss"] = finetune.ChoiceLoss(answers)
     else:
-        if t["data"] != GENERATED:  # generated windows need the full-precision model: add_generated_windows
-            corpora = train_corpora(recipe)
-            windows = alternating_windows(tokenizer, corpora, "train", t["seq_len"], train_windows(t))
+        # generated windows need the full-precision model: add_generated_windows
+        if t["data"] != GENERATED:
+            windows = alternating_windows(tokenizer, train_corpora(recipe), "train", t["seq_len"], train_windows(t))
             data["train"] = TokenWindows(windows)
-            if t["eval_steps"]:
-                held_out = alternating_windows(tokenizer, corpora, "validation", t["seq_len"], t["eval_windows"])
-                data["validation"] = TokenWindows(held_out)
+        if t["eval_steps"] and held_out_corpora(recipe) != [GENERATED]:
+            held_out = alternating_windows(tokenizer, held_out_corpora(recipe), "validation", t["seq_len"],
+                                           t["eval_windows"])
+            data["validation"] = TokenWindows(held_out)
         data["collator"] = None  # transformers' default: the windows have one length
     return data
 
@@ -257,21 +258,27 @@ def train_windows(train: dict) -> Optional[int]:
 
 
 def add_generated_windows(fp_model, tokenizer, recipe: dict, data: dict) -> None:
-    """For ``train.data: generated``: training (and held-out) windows sampled from the full-precision model,
-    each starting from a random non-special token; the held-out ones from the next seed. Run before
-    ``add_teacher``; nothing to do for a corpus."""
+    """For ``train.data: generated`` (and ``train.eval_data: generated``): training (and held-out) windows
+    sampled from the full-precision model, each starting from a random non-special token; the held-out ones
+    from the next seed. Run before ``add_teacher``; nothing to do where both are corpora."""
     t = recipe["train"]
-    if t["data"] != GENERATED:  # the recipe check allows it only with distillation, i.e. language modelling
+    # the recipe check allows generated windows only with distillation, i.e. language modelling
+    train, held_out = t["data"] == GENERATED, bool(t["eval_steps"]) and held_out_corpora(recipe) == [GENERATED]
+    if not (train or held_out):
         return
     starts = sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids))
 
     def sample(n: int, seed: int) -> TokenWindows:
         return TokenWindows(distill.sampled_windows(fp_model, n, t["seq_len"], starts, seed))
 
-    data["train"] = sample(train_windows(t), recipe["seed"])
-    if t["eval_steps"]:
+    if train:
+        data["train"] = sample(train_windows(t), recipe["seed"])
+        _log(f"  sampled {len(data['train'])} training windows of {t['seq_len']} tokens from the full-precision "
+             "model")
+    if held_out:
         data["validation"] = sample(t["eval_windows"], recipe["seed"] + 1)
-    _log(f"  sampled {len(data['train'])} training windows of {t['seq_len']} tokens from the full-precision model")
+        _log(f"  sampled {len(data['validation'])} held-out windows of {t['seq_len']} tokens from the "
+             "full-precision model")
 
 
 def add_teacher(fp_model, recipe: dict, data: dict) -> None:
@@ -361,10 +368,15 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
     trainer_class = ZOTrainer
     if t["loss"] == "distill":
         if not isinstance(data.get("train"), distill.TeacherWindows):
-            generate = "add_generated_windows(fp_model, tokenizer, recipe, data) and " if t["data"] == GENERATED else ""
+            generated = GENERATED in (t["data"], t["eval_data"])
+            generate = "add_generated_windows(fp_model, tokenizer, recipe, data) and " if generated else ""
             raise ValueError(f"train.loss=distill needs the teacher's targets: call {generate}add_teacher(fp_model, "
                              "recipe, data) with the full-precision model before training")
         trainer_class = distill.DistillZOTrainer
+    if every and "validation" not in data:
+        raise ValueError(f"train.eval_steps ({every}) needs held-out windows: train.eval_data "
+                         f"{t['eval_data']!r} is sampled by add_generated_windows(fp_model, tokenizer, recipe, data), "
+                         "which was not called")
     trainer = trainer_class(model=model, args=args, train_dataset=data["train"], data_collator=data["collator"],
                             eval_dataset=data.get("validation"),  # present only with eval_steps
                             compute_loss_func=data.get("loss"),  # None: the model's own loss

@@ -190,6 +190,10 @@ def default_recipe() -> dict:
             # Every eval_steps steps, the loss on held-out data (the first eval_windows windows of train.data's
             # validation split; BoolQ: the validation questions); the best checkpoint is the result. null: off.
             "eval_steps": None, "eval_windows": 32,
+            # the held-out check's text, when it is not train.data's validation split (null): a corpus, a list
+            # of them, or "generated" (distillation only), so that the checkpoint kept is the one closest to the
+            # full-precision model on text the training did not fit, not only on more of the training corpus
+            "eval_data": None,
         },
         "eval": {
             "corpora": {"wiki": "wiki", "lee": "lee", "austen": "austen"},  # metric prefix -> corpus
@@ -297,6 +301,14 @@ def check_recipe(recipe: dict) -> None:
         raise RecipeError(f"train.data: {GENERATED} trains on text sampled from the full-precision model and needs "
                           f"train.loss: distill (the model's own targets), alone, not in a list; got train.data "
                           f"{t['data']!r} with train.loss {t['loss']!r}")
+    held_out = held_out_corpora(recipe)
+    if not held_out or not all(isinstance(c, str) and c for c in held_out):
+        raise RecipeError("train.eval_data must be null (train.data's validation split), a corpus name or a "
+                          f"non-empty list of them, or {GENERATED}; got {t['eval_data']!r}")
+    if GENERATED in held_out and (held_out != [GENERATED] or t["loss"] != "distill"):
+        raise RecipeError(f"train.eval_data: {GENERATED} checks on text sampled from the full-precision model and "
+                          f"needs train.loss: distill, alone, not with corpora; got train.eval_data "
+                          f"{t['eval_data']!r} with train.loss {t['loss']!r}")
     if t["step"] not in ZO_STEPS:
         raise RecipeError(f"train.step must be one of {ZO_STEPS}, got {t['step']!r}")
     if t["estimator"] not in ZO_ESTIMATORS:
@@ -419,12 +431,20 @@ def train_corpora(recipe: dict) -> list[str]:
     return list(data) if isinstance(data, (list, tuple)) else [data]
 
 
+def held_out_corpora(recipe: dict) -> list[str]:
+    """The held-out check's text as a list: train.eval_data, or train.data's corpora when it is null."""
+    data = recipe["train"]["eval_data"]
+    if data is None:
+        return train_corpora(recipe)
+    return list(data) if isinstance(data, (list, tuple)) else [data]
+
+
 def text_sources(recipe: dict) -> list[str]:
     """The corpora the job reads: the evaluation corpora, the training data (language modelling) and the
     calibration data (when it calibrates)."""
     sources = list(recipe["eval"]["corpora"].values())
     if recipe["task"] is None:
-        sources += [c for c in train_corpora(recipe) if c != GENERATED]
+        sources += [c for c in dict.fromkeys(train_corpora(recipe) + held_out_corpora(recipe)) if c != GENERATED]
     if calibrates(recipe):
         sources.append(recipe["calibration"]["data"])
     return sources

@@ -8,7 +8,7 @@ from typing import Optional
 import yaml
 
 from .distill import TOP_K
-from .recipe import GENERATED, train_corpora
+from .recipe import GENERATED, held_out_corpora, train_corpora
 
 STAGES = ("fp", "rtn", "init", "zeroqat")  # the columns of the metrics table, in the order a run makes them
 
@@ -65,6 +65,18 @@ def outcome_lines(metrics: dict) -> str:
     return "".join("\n" + line for line in lines)
 
 
+def held_out_check(recipe: dict) -> str:
+    """The sentence on the held-out check that chose the kept checkpoint, for language modelling with one."""
+    t = recipe["train"]
+    if recipe["task"] is not None or not t["eval_steps"]:
+        return ""
+    held_out = held_out_corpora(recipe)
+    text = "text sampled from the full-precision model" if held_out == [GENERATED] else (
+        f"the validation split of {' and '.join(held_out)}")
+    return (f"\nEvery {t['eval_steps']} steps a held-out check on {t['eval_windows']} windows of {text}; the "
+            "best model, the start included, is kept.")
+
+
 def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
     q, t = recipe["quant"], recipe["train"]
     bits = f"W{q['w_bits']}A{q['a_bits']}" + (f"KV{q['kv_bits']}" if q["kv_bits"] < 16 else "")
@@ -90,7 +102,7 @@ def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
     return f"""# ZeroQAT run `{recipe['name']}`
 
 {recipe['model']}, {bits} group size {q['group_size']}, trainable {q['trainable']}, init {q['init']};
-{steps}, {t['step']} step, lr {t['lr']}, eps {t['eps']}; device {device}.
+{steps}, {t['step']} step, lr {t['lr']}, eps {t['eps']}; device {device}.{held_out_check(recipe)}
 Perplexity: {ev['split']} split, windows of {ev['seq_len']} tokens (at most {ev['max_windows'] or 'all'} per corpus).{tasks}
 `init` is the model ZO training starts from ({start}).{outcome_lines(metrics)}
 
