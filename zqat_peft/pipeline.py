@@ -368,7 +368,7 @@ def train(model, recipe: dict, data: dict, work_dir: Path, device: str, resume: 
     trainer_class = ZOTrainer
     if t["loss"] == "distill":
         if not isinstance(data.get("train"), distill.TeacherWindows):
-            generated = GENERATED in (t["data"], t["eval_data"])
+            generated = GENERATED in train_corpora(recipe) + held_out_corpora(recipe)
             generate = "add_generated_windows(fp_model, tokenizer, recipe, data) and " if generated else ""
             raise ValueError(f"train.loss=distill needs the teacher's targets: call {generate}add_teacher(fp_model, "
                              "recipe, data) with the full-precision model before training")
