@@ -57,7 +57,7 @@ from zqat_peft.data import load_model_and_tokenizer, load_text
 from zqat_peft.data.assets import resolve_model_path
 from zqat_peft.evaluation import encode_joined, perplexity, token_windows
 from zqat_peft.quant import fake_quantize_activation
-from zqat_peft.recipe import GENERATED, held_out_corpora, load_recipe
+from zqat_peft.recipe import GENERATED, load_recipe, samples_held_out
 
 # name -> (the CPU recipe whose quantization settings and training the setting's rows use, overrides)
 RECIPES = {
@@ -233,7 +233,7 @@ def add_generated_windows_kept(args, fp: nn.Module, tokenizer, recipe: dict, dat
     of one thread."""
     t = recipe["train"]
     counts = {"train": pipeline.train_windows(t) if t["data"] == GENERATED else 0,
-              "validation": t["eval_windows"] if t["eval_steps"] and held_out_corpora(recipe) == [GENERATED] else 0}
+              "validation": t["eval_windows"] if samples_held_out(recipe) else 0}
     splits = [s for s, n in counts.items() if n]
     if not splits:
         return

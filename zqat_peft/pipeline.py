@@ -52,7 +52,7 @@ from .data import load_model_and_tokenizer, load_text
 from .evaluation import encode_joined, perplexity, token_windows
 from .files import check_file, read_mapping
 from .recipe import (DTYPES, GENERATED, RecipeError, calibrates, changed_keys, check_adapter_folder, check_sources,
-                     held_out_corpora, output_dir, quant_config, train_corpora)
+                     held_out_corpora, output_dir, quant_config, samples_held_out, train_corpora)
 from .report import format_value, loss_figure, report
 from .zo import DivergenceGuard, ZOTrainer, ZOTrainingArguments
 
@@ -241,7 +241,7 @@ def prepare_data(recipe: dict, tokenizer) -> dict[str, Any]:
         if t["data"] != GENERATED:
             windows = alternating_windows(tokenizer, train_corpora(recipe), "train", t["seq_len"], train_windows(t))
             data["train"] = TokenWindows(windows)
-        if t["eval_steps"] and held_out_corpora(recipe) != [GENERATED]:
+        if t["eval_steps"] and not samples_held_out(recipe):
             held_out = alternating_windows(tokenizer, held_out_corpora(recipe), "validation", t["seq_len"],
                                            t["eval_windows"])
             data["validation"] = TokenWindows(held_out)
@@ -263,7 +263,7 @@ def add_generated_windows(fp_model, tokenizer, recipe: dict, data: dict) -> None
     from the next seed. Run before ``add_teacher``; nothing to do where both are corpora."""
     t = recipe["train"]
     # the recipe check allows generated windows only with distillation, i.e. language modelling
-    train, held_out = t["data"] == GENERATED, bool(t["eval_steps"]) and held_out_corpora(recipe) == [GENERATED]
+    train, held_out = t["data"] == GENERATED, samples_held_out(recipe)
     if not (train or held_out):
         return
     starts = sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids))

@@ -439,6 +439,11 @@ def held_out_corpora(recipe: dict) -> list[str]:
     return list(data) if isinstance(data, (list, tuple)) else [data]
 
 
+def samples_held_out(recipe: dict) -> bool:
+    """Whether the run has a held-out check whose windows are sampled from the full-precision model."""
+    return bool(recipe["train"]["eval_steps"]) and held_out_corpora(recipe) == [GENERATED]
+
+
 def text_sources(recipe: dict) -> list[str]:
     """The corpora the job reads: the evaluation corpora, the training data (language modelling) and the
     calibration data (when it calibrates)."""
