@@ -19,7 +19,8 @@ evaluated by zqat_peft's own perplexity (the whole wiki test split, 512-token wi
 - ``zeroqat-X``: the ``init-X`` model (each init row with GPTQ rounding has one), then the training of the setting's CPU
   recipe (``--train-steps`` to shorten it); the row holds the init's figures too, and both models'
   perplexity on the first ``--other-windows`` test windows of the Lee news and Austen corpora, text the
-  recipe never trains on.
+  recipe never trains on. The init is kept under ``--models`` with a digest of the library code that made it
+  (``INIT_CODE``); a row that finds one made by other code stops and says so.
 
 llm-compressor pins other versions of transformers than the project, so it runs in an environment of its
 own, as a subprocess (benchmarks/llmc_gptq.py) that writes back the quantized weights::
@@ -95,6 +96,10 @@ METHODS = {
 ZEROQAT_INIT = {f"zeroqat-{name[len('init-'):]}": name for name, keys in METHODS.items() if keys.get("rounding") == "gptq"}
 METHODS.update({name: {**METHODS[init], "method": "zeroqat"} for name, init in ZEROQAT_INIT.items()})
 OTHER_CORPORA = ("lee", "austen")
+# the library code a saved init depends on (zqat_peft's folders and files): an init saved by other code is not
+# this code's init, though its folder name (the recipe overrides) is the same
+INIT_CODE = ("calibration", "quant", "tuner", "rotation.py", "hadamard.py")
+INIT_CODE_STAMP = "init_code.txt"
 
 
 def main() -> None:
@@ -146,7 +151,7 @@ def main() -> None:
             else:
                 quantized = build(args, setting, name, calib)
                 if row["method"] == "init":
-                    pipeline.save_adapter(quantized, saved_model(args, setting, name))
+                    save_init(quantized, saved_model(args, setting, name))
                 row["quantize_seconds"] = round(time.perf_counter() - start, 1)
                 row["wiki_ppl"] = perplexity(quantized, windows)
             rows.append(row)
@@ -170,6 +175,37 @@ def saved_model(args, setting: str, name: str) -> Path:
     overrides = [o for o in args.recipe_overrides if not (METHODS[name]["method"] == "init" and o.startswith("train."))]
     suffix = "".join(f"_{o.replace('=', '-')}" for o in overrides)
     return Path(args.models) / f"{setting}_{name}{suffix}"
+
+
+def init_code_digest(package: Path = Path(zqat_peft.__file__).parent) -> str:
+    """A digest of the library code an init depends on (``INIT_CODE``, every .py file under it, with its path)."""
+    digest = hashlib.sha256()
+    for part in INIT_CODE:
+        files = sorted((package / part).rglob("*.py")) if (package / part).is_dir() else [package / part]
+        for f in files:
+            digest.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def save_init(model: nn.Module, path: Path) -> None:
+    """The init's adapter, with the digest of the code that made it (``check_init_code`` reads it back)."""
+    pipeline.save_adapter(model, path)
+    (path / INIT_CODE_STAMP).write_text(init_code_digest() + "\n")
+
+
+def check_init_code(path: Path) -> None:
+    """Refuse a saved init made by other calibration, quantization or tuner code: a zeroqat row would start from
+    a model this code does not make, under the same folder name, and report that model's figures as its init."""
+    stamp = path / INIT_CODE_STAMP
+    if not stamp.exists():
+        print(f"warning: {path} holds no {INIT_CODE_STAMP} (saved before inits were stamped): whether this code "
+              "made it cannot be checked; it is used as it is", flush=True)
+        return
+    made_by, now = stamp.read_text().strip(), init_code_digest()
+    if made_by != now:
+        raise SystemExit(f"{path} was made by other code (digest {made_by} of {', '.join(INIT_CODE)}; this code's is "
+                         f"{now}): its figures are not this code's init. Delete the folder to calibrate again, or "
+                         "pass a fresh --models folder.")
 
 
 def load_setting_recipe(setting: str, overrides: tuple[str, ...] = ()) -> dict:
@@ -211,10 +247,11 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
     init_name = ZEROQAT_INIT[name]
     saved = saved_model(args, setting, init_name)
     if saved.exists():  # the init row's model: the same calibration tokens, no second calibration
+        check_init_code(saved)
         model, _ = pipeline.load_adapter(recipe, saved, "cpu", trainable=True)
     else:
         model = build(args, setting, init_name, calib)
-        pipeline.save_adapter(model, saved)
+        save_init(model, saved)
     row = {f"init_{c}_ppl": perplexity(model, w) for c, w in windows.items()}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work_dir:
