@@ -8,8 +8,8 @@ training windows, held-out check and evaluation), so that their rows compare wit
   and V [in, r] redrawn every ``--lazy`` steps, for every 2-D master weight.
 
 Every other tensor keeps the library's noise, and the seeds, estimator, relative step and update rule are the
-library's. An experiment, not a training option: float32 master weights, no resume or trajectory replay (the
-trajectory does not record the shape), no fused CUDA kernel.
+library's. An experiment, not a training option: float32 master weights on the CPU (on CUDA the fused kernel would
+perturb with the library's noise), no resume or trajectory replay (the trajectory does not record the shape).
 
     python benchmarks/zo_directions.py --direction group -- --recipe recipes/demo.yaml --set train.lr=3e-3 ...
 """
@@ -45,8 +45,10 @@ class Directions:
         for p in params:
             if p.margin is None:  # not a quantized master weight
                 continue
-            if p.param.dtype != torch.float32:
-                raise SystemExit(f"{p.name} is {p.param.dtype}: this experiment updates float32 master weights only")
+            if p.param.dtype != torch.float32 or p.param.device.type != "cpu":
+                # on CUDA the fused kernel would perturb with the library's noise, not this direction
+                raise SystemExit(f"{p.name} is {p.param.dtype} on {p.param.device}: this experiment runs float32 "
+                                 "master weights on the CPU only")
             self.shapes[p.key] = tuple(p.param.shape)
             if self.kind == "group":
                 self.group_units[p.key] = group_unit(p)
