@@ -25,7 +25,7 @@ from unittest import mock
 
 import torch
 
-from zqat_peft.noise import WeightNoise, add_scaled_noise
+from zqat_peft.noise import WeightNoise, zo_noise
 from zqat_peft.quant.primitives import weight_qparams
 from zqat_peft.zo import estimator
 from zqat_peft.zo.optimizer import ZOOptimizer
@@ -57,7 +57,7 @@ class Directions:
     def z(self, seed: int, key: int, like: torch.Tensor) -> torch.Tensor:
         """The direction of (seed, key) in float32 before the group unit (kind "group": the library's own)."""
         if self.kind == "group":
-            return add_scaled_noise(torch.zeros_like(like, dtype=torch.float32), seed, key, 1.0)
+            return zo_noise(seed, key, like.shape, device=like.device)
         rows, cols = self.shapes[key]
         u = gaussian((rows, self.rank), f"u/{seed}/{key}")
         v = gaussian((cols, self.rank), f"v/{self.v_draw}/{key}")
