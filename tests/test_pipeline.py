@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from zqat_peft import ZOTrainer, ZOTrainingArguments, cli, finetune, pipeline
-from zqat_peft.recipe import (RecipeError, changed_keys, default_recipe, load_recipe, output_dir, quant_config,
+from zqat_peft.recipe import (RecipeError, changed_keys, load_recipe, output_dir, quant_config,
                               required_assets, text_sources)
 from zqat_peft.report import STAGES, metrics_table, report
 
@@ -40,7 +40,7 @@ def test_recipe_file_and_overrides_update_the_defaults(tmp_path):
     assert recipe["train"]["steps"] == 7
     assert recipe["train"]["lr"] == 2e-5 and isinstance(recipe["train"]["lr"], float)  # not YAML 1.1's string
     assert recipe["eval"]["tasks"] == ["piqa", "boolq"] and recipe["seed"] == 3
-    assert recipe["train"]["eps"] == default_recipe()["train"]["eps"]  # untouched keys keep defaults
+    assert recipe["train"]["eps"] == load_recipe(None)["train"]["eps"]  # untouched keys keep defaults
     assert output_dir(recipe) == Path("runs") / "mine"
 
 

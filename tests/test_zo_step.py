@@ -292,3 +292,42 @@ def test_masked_resume_and_replay_are_bit_exact_and_a_different_mask_is_refused(
         zo_args(tmp_path / "d", zo_mask="sparse")
     with pytest.raises(ValueError, match="no trained parameter is one"):  # it would silently mask nothing
         ZOOptimizer(zo_parameters(zqat_llama("scales")), lr=1e-3, mask="rounding")
+
+
+def test_left_unset_lr_and_eps_are_the_relative_step_that_carried_over_between_models(tmp_path):
+    """The defaults of the Python API and of a recipe are the demo's relative lr and eps (measured to improve three
+    model families unchanged); before, an unset lr was TrainingArguments' Adam step 5e-5 (a recipe's, the old
+    absolute 1e-5): 20-100 times smaller as a fraction of each tensor's RMS."""
+    from pathlib import Path
+
+    from zqat_peft import ZOTrainingArguments
+    from zqat_peft.recipe import load_recipe
+
+    demo = load_recipe(Path(__file__).parents[1] / "recipes" / "demo.yaml")["train"]
+    assert demo["step"] == "relative"
+    args = ZOTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert (args.zo_step, args.learning_rate, args.zo_eps) == ("relative", demo["lr"], demo["eps"])
+    train = load_recipe(None)["train"]
+    assert (train["step"], train["lr"], train["eps"]) == ("relative", demo["lr"], demo["eps"])
+    optimizer = ZOOptimizer(zo_parameters(zqat_llama("scales")))
+    assert (optimizer.param_groups[0]["lr"], optimizer.eps) == (demo["lr"], demo["eps"])
+
+
+def test_the_absolute_step_without_an_lr_is_refused(tmp_path, capsys):
+    """Plain SPSA's lr depends on the model's scales: none is assumed (the relative step's 1e-3 would be ~1000x
+    MeZO's), in the Python API, the optimizer and a recipe, before anything loads."""
+    from zqat_peft import ZOTrainingArguments, cli
+    from zqat_peft.recipe import RecipeError, load_recipe
+
+    with pytest.raises(ValueError, match="absolute ZO step .* has no default learning rate"):
+        ZOTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, zo_step="absolute")
+    with pytest.raises(ValueError, match="no default learning rate"):
+        ZOOptimizer(zo_parameters(zqat_llama("scales")), step="absolute")
+    with pytest.raises(RecipeError, match="train.step: absolute needs train.lr"):
+        load_recipe(None, ["train.step=absolute"])
+    assert load_recipe(None, ["train.step=absolute", "train.lr=1e-6"])["train"]["eps"] == 1e-3  # MeZO's eps
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  step: absolute\n")
+    assert cli.main(["train", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.step: absolute needs train.lr" in err[0], err

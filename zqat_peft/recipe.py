@@ -25,7 +25,7 @@ from .files import check_adapter, read_yaml
 from .tuner import ZeroQATConfig
 from .tuner.registration import zqat_peft_type
 from .zo.estimator import ZO_ESTIMATORS, ZO_MASKS
-from .zo.optimizer import ZO_STEPS
+from .zo.optimizer import ZO_STEPS, step_sizes
 
 SECTIONS = ("quant", "calibration", "train", "eval", "finetune")
 TASKS = ("boolq",)
@@ -167,7 +167,10 @@ def default_recipe() -> dict:
             # data: a corpus, or a list of corpora whose windows alternate (one from each in turn, as many from
             # each), so that a gain is less a fit to one corpus; or "generated": windows sampled from the
             # full-precision model itself, seeded by `seed` (distillation only: zqat_peft.distill.sampled_windows)
-            "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "lr": 1e-5, "eps": 1e-3, "num_queries": 1,
+            "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "num_queries": 1,
+            # null: the step's default (relative: lr 1e-3 and eps 5e-3 of each tensor's RMS; absolute: no default
+            # lr, which depends on the model, and MeZO's eps 1e-3)
+            "lr": None, "eps": None,
             # "two_point": L(p + eps z) - L(p - eps z), 2 forwards per query; "one_sided": L(p + eps z) - L(p),
             # the step's num_queries probes sharing one unperturbed forward (num_queries + 1 forwards)
             "estimator": "two_point",
@@ -243,8 +246,19 @@ def load_recipe(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         _apply(recipe, key.strip(), value)
     if recipe["name"] is None:
         recipe["name"] = Path(path).stem if path is not None else "run"
+    _fill_step_sizes(recipe["train"])
     check_recipe(recipe)
     return recipe
+
+
+def _fill_step_sizes(train: dict) -> None:
+    """train.lr and train.eps left null take their step's defaults (``zqat_peft.zo.optimizer.step_sizes``)."""
+    if train["step"] not in ZO_STEPS:
+        return  # check_recipe says what is wrong
+    try:
+        train["lr"], train["eps"] = step_sizes(train["step"], train["lr"], train["eps"])
+    except ValueError as e:
+        raise RecipeError(f"train.step: absolute needs train.lr: {e}") from e
 
 
 def _apply(recipe: dict, key: str, value: Any) -> None:

@@ -44,6 +44,25 @@ from .trajectory import Trajectory, set_scales
 logger = logging.getLogger(__name__)
 
 ZO_STEPS = ("relative", "absolute")
+# The relative step's lr and eps (fractions of each trained tensor's RMS): the values that improved SmolLM2,
+# Gemma 3 and Qwen2 with one recipe file (benchmarks/RESULTS.md, "The scale-free ZO step on the demo recipe").
+RELATIVE_LR = 1e-3
+RELATIVE_EPS = 5e-3
+ABSOLUTE_EPS = 1e-3  # MeZO's; the absolute step's lr has no default (it depends on the model)
+
+
+def step_sizes(step: str, lr: Optional[float], eps: Optional[float]) -> tuple[float, float]:
+    """(lr, eps) with the step's defaults for the ones left None: the optimizer's, ZOTrainingArguments' and the
+    recipes' one source of them."""
+    if step == "relative":
+        return (RELATIVE_LR if lr is None else lr), (RELATIVE_EPS if eps is None else eps)
+    if lr is None:
+        raise ValueError(
+            "the absolute ZO step (p -= lr * g * z) has no default learning rate: how far it moves a model depends "
+            "on the model's weight and loss scales. Set it (MeZO used 1e-6 to 1e-7 on OPT), or use the relative "
+            "step, whose default carries over between models."
+        )
+    return lr, (ABSOLUTE_EPS if eps is None else eps)
 
 
 class ZODivergenceError(RuntimeError):
@@ -57,8 +76,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: list[ZOParameter],
-        lr: float,
-        eps: float = 1e-3,
+        lr: Optional[float] = None,
+        eps: Optional[float] = None,
         num_queries: int = 1,
         grad_clip: Optional[float] = None,
         weight_decay: float = 0.0,
@@ -83,6 +102,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "normalized gradient at zo_norm_clip standard deviations instead. Leave zo_grad_clip unset, or "
                 "use zo_step='absolute'."
             )
+        lr, eps = step_sizes(step, lr, eps)
         if not 0.0 <= norm_beta < 1.0:
             raise ValueError(f"zo_norm_beta must be in [0, 1), got {norm_beta}.")
         if norm_clip <= 0:

@@ -22,7 +22,7 @@ from ..tuner.layer import ZQATLayer
 from .estimator import ZO_ESTIMATORS, ZO_MASKS, loss_difference, one_sided_losses, spsa_losses
 from .guard import DivergenceGuard
 from .loss import chunked_causal_lm_loss, chunked_loss_unsupported
-from .optimizer import ZO_STEPS, ZOOptimizer
+from .optimizer import ZO_STEPS, ZOOptimizer, step_sizes
 from .perturbation import check_not_offloaded, zo_parameters
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,12 @@ class ZOTrainingArguments(TrainingArguments):
     zo_step: str = field(default="relative", metadata={
         "help": "'relative': eps and learning_rate are fractions of each tensor's RMS and the projected gradient is "
                 "divided by its running RMS (one lr carries over to other models); 'absolute': p -= lr * g * z."})
-    zo_eps: float = field(default=1e-3, metadata={
-        "help": "SPSA perturbation size eps (relative step: a fraction of each tensor's RMS)."})
+    # not TrainingArguments' 5e-5, an Adam step: as a fraction of each tensor's RMS it would barely move the weights
+    learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "The ZO step's lr. zo_step='relative': a fraction of each tensor's RMS, by default 1e-3 (it carried "
+                "over between model families); zo_step='absolute': no default, set it for the model."})
+    zo_eps: Optional[float] = field(default=None, metadata={
+        "help": "SPSA perturbation size eps: by default 5e-3 of each tensor's RMS (relative step) or 1e-3 (absolute)."})
     zo_num_queries: int = field(default=1, metadata={"help": "Perturbations per step; their updates are averaged."})
     zo_estimator: str = field(default="two_point", metadata={
         "help": "'two_point': L(p + eps z) - L(p - eps z), 2 forwards per query; 'one_sided': L(p + eps z) - L(p), "
@@ -81,6 +85,9 @@ class ZOTrainingArguments(TrainingArguments):
                 f"max_grad_norm={self.max_grad_norm}: ZO training has no gradients to clip; set zo_grad_clip to "
                 "clip the projected gradient instead."
             )
+        if self.zo_step not in ZO_STEPS:
+            raise ValueError(f"zo_step must be one of {ZO_STEPS}, got {self.zo_step!r}.")
+        self.learning_rate, self.zo_eps = step_sizes(self.zo_step, self.learning_rate, self.zo_eps)
         if self.zo_eps <= 0:
             raise ValueError(f"zo_eps must be positive, got {self.zo_eps}.")
         if self.zo_num_queries < 1:
@@ -90,8 +97,6 @@ class ZOTrainingArguments(TrainingArguments):
                 f"zo_loss_chunk_tokens must be a positive number of tokens, got {self.zo_loss_chunk_tokens}; "
                 "use None for the model's own loss."
             )
-        if self.zo_step not in ZO_STEPS:
-            raise ValueError(f"zo_step must be one of {ZO_STEPS}, got {self.zo_step!r}.")
         if self.zo_estimator not in ZO_ESTIMATORS:
             raise ValueError(f"zo_estimator must be one of {ZO_ESTIMATORS}, got {self.zo_estimator!r}.")
         if self.zo_mask not in ZO_MASKS:
