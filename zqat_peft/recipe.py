@@ -223,7 +223,7 @@ def valid_keys() -> list[str]:
 
 def load_recipe(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> dict:
     """The defaults, updated by the YAML file at ``path`` and then by ``key=value`` overrides
-    (dotted keys, YAML-typed values: ``train.lr=2e-5``, ``eval.tasks=[piqa]``)."""
+    (dotted keys, YAML-typed values: ``train.lr=2e-3``, ``eval.tasks=[piqa]``)."""
     recipe = default_recipe()
     if path is not None:
         path = Path(path)
@@ -242,7 +242,7 @@ def load_recipe(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise RecipeError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
-                              "it as YAML writes it, e.g. train.lr=2e-5 or eval.tasks=[piqa]") from e
+                              "it as YAML writes it, e.g. train.lr=2e-3 or eval.tasks=[piqa]") from e
         _apply(recipe, key.strip(), value)
     if recipe["name"] is None:
         recipe["name"] = Path(path).stem if path is not None else "run"
