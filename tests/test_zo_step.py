@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from zqat_peft import ZOTrainer, replay_trajectory
+from zqat_peft import ZOTrainer, ZOTrainingArguments, cli, replay_trajectory
+from zqat_peft.recipe import RecipeError, load_recipe
 from zqat_peft.zo import DivergenceGuard, ZOOptimizer, normalized_gradients, spsa_losses, zo_parameters
 
 from .test_zo import RepeatedBatch, batch_loss, one_direction_llama, trained_state, zo_args, zqat_llama
@@ -298,11 +300,6 @@ def test_left_unset_lr_and_eps_are_the_relative_step_that_carried_over_between_m
     """The defaults of the Python API and of a recipe are the demo's relative lr and eps (measured to improve three
     model families unchanged); before, an unset lr was TrainingArguments' Adam step 5e-5 (a recipe's, the old
     absolute 1e-5): 20-100 times smaller as a fraction of each tensor's RMS."""
-    from pathlib import Path
-
-    from zqat_peft import ZOTrainingArguments
-    from zqat_peft.recipe import load_recipe
-
     demo = load_recipe(Path(__file__).parents[1] / "recipes" / "demo.yaml")["train"]
     assert demo["step"] == "relative"
     args = ZOTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
@@ -316,9 +313,6 @@ def test_left_unset_lr_and_eps_are_the_relative_step_that_carried_over_between_m
 def test_the_absolute_step_without_an_lr_is_refused(tmp_path, capsys):
     """Plain SPSA's lr depends on the model's scales: none is assumed (the relative step's 1e-3 would be ~1000x
     MeZO's), in the Python API, the optimizer and a recipe, before anything loads."""
-    from zqat_peft import ZOTrainingArguments, cli
-    from zqat_peft.recipe import RecipeError, load_recipe
-
     with pytest.raises(ValueError, match="absolute ZO step .* has no default learning rate"):
         ZOTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, zo_step="absolute")
     with pytest.raises(ValueError, match="no default learning rate"):
