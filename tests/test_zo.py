@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from zqat_peft import ZeroQATConfig, ZOTrainer, ZOTrainingArguments, replay_trajectory
 from zqat_peft.zo import (ZODivergenceError, Trajectory, one_sided_losses, perturbed, projected_gradient, spsa_losses,
                           zo_parameters)
+from zqat_peft.zo.optimizer import RELATIVE_EPS, RELATIVE_LR
 from zqat_peft.noise import zo_noise
 
 from .conftest import tiny_batch, tiny_model
@@ -664,7 +665,9 @@ def test_trainer_without_arguments_uses_default_zo_arguments(tmp_path, monkeypat
     trainer = ZOTrainer(model=zqat_llama("scales"), train_dataset=RepeatedBatch())
     assert isinstance(trainer.args, ZOTrainingArguments) and trainer.args.output_dir == "tmp_trainer"
     trainer.create_optimizer()
-    assert trainer.zo_optimizer.eps == ZOTrainingArguments(output_dir=str(tmp_path), report_to=[]).zo_eps
+    # the relative step's defaults, not TrainingArguments' Adam lr
+    assert (trainer.args.learning_rate, trainer.zo_optimizer.eps) == (RELATIVE_LR, RELATIVE_EPS)
+    assert trainer.zo_optimizer.param_groups[0]["lr"] == RELATIVE_LR
 
 
 @pytest.mark.parametrize("option", [{"optim": "sgd"}, {"optim_args": "momentum=0.9"}, {"adam_beta1": 0.5},
