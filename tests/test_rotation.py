@@ -201,3 +201,31 @@ def test_calibration_with_online_hadamard_saves_and_reloads(tmp_path):
         model.save_pretrained(tmp_path)
         loaded = PeftModel.from_pretrained(_planted_outlier_model(), tmp_path)
         torch.testing.assert_close(loaded(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_trained_norms_of_a_rotated_model_save_reload_and_export_merged(tmp_path):
+    """The W4A4 recipe trains the RMSNorm weights of the rotated model (all ones after folding): their trained
+    copies must survive the adapter's save and the merged export, where the rotation is rebuilt or baked in.
+    (16-bit activations: the merged float export cannot carry 4-bit ones and says so when it drops them.)"""
+    from peft import PeftModel
+
+    from zqat_peft.export import save_merged
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = _hadamard_model(model=tiny_model(), w_bits=4, trainable="scales",
+                            modules_to_save=["input_layernorm", "post_attention_layernorm", "norm"])
+    gen = torch.Generator().manual_seed(1)
+    trained = [p for n, p in model.named_parameters() if "modules_to_save" in n]
+    assert len(trained) == 5 and all(p.requires_grad for p in trained)  # two blocks' two norms and the final one
+    with torch.no_grad():
+        untrained = model(input_ids=ids).logits
+        for p in trained:
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+        logits = model(input_ids=ids).logits
+        assert not torch.allclose(logits, untrained, atol=1e-3)
+        model.save_pretrained(tmp_path / "adapter")
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter")
+        assert torch.equal(loaded(input_ids=ids).logits, logits)
+        save_merged(model, tmp_path / "merged")
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
