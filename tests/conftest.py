@@ -52,6 +52,19 @@ def load_benchmark(name: str) -> ModuleType:
     return module
 
 
+NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]  # every RMSNorm of a LLaMA-style model
+
+
+def with_trained_norms(model, spread: float = 0.5):
+    """The trained copies of peft's modules_to_save set away from the frozen originals (all ones)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.copy_(1 + spread * torch.randn(param.shape, generator=gen))
+    return model
+
+
 def tiny_batch(batch: int = 2, seq: int = 16, vocab: int = 256, seed: int = 1) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)

@@ -24,7 +24,7 @@ from zqat_peft.export.compressed_tensors import compressed_tensors_quantization_
 from zqat_peft.export.gguf import q4_1_blocks
 from zqat_peft.export.gptq import GPTQ_V1, GPTQ_V2, choose_checkpoint_format, gptq_qzeros, gptq_tensors
 
-from .conftest import tiny_batch, tiny_model
+from .conftest import NORMS, tiny_batch, tiny_model, with_trained_norms
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # GPTQModel wraps its dequantization in torch.compile
 needs_gptqmodel = pytest.mark.skipif(
@@ -271,21 +271,9 @@ def test_gguf_export_loads_in_transformers_gguf_reader(tmp_path):
     assert report.max_weight_change < 1e-4
 
 
-NORMS = ["input_layernorm", "post_attention_layernorm", "norm"]
-
-
-def _with_trained_norms(model):
-    """The trained copies of peft's modules_to_save set away from the frozen originals (all ones)."""
-    gen = torch.Generator().manual_seed(1)
-    for name, param in model.named_parameters():
-        if "modules_to_save" in name:
-            param.data = 1 + 0.5 * torch.randn(param.shape, generator=gen)
-    return model
-
-
 @pytest.mark.parametrize("save", [save_merged, save_compressed_tensors])
 def test_trained_norms_export_as_the_model_uses_them(tmp_path, save):
-    model = _with_trained_norms(_tiny(ZeroQATConfig(w_bits=4, group_size=32, trainable="scales", modules_to_save=NORMS)))
+    model = with_trained_norms(_tiny(ZeroQATConfig(w_bits=4, group_size=32, trainable="scales", modules_to_save=NORMS)))
     ids = tiny_batch()["input_ids"]
     save(model, tmp_path / "out")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
@@ -295,7 +283,7 @@ def test_trained_norms_export_as_the_model_uses_them(tmp_path, save):
 def test_trained_norms_export_to_gguf(tmp_path):
     tokenizer, config = _real_tokenizer_and_tiny_llama_config()
     torch.manual_seed(0)
-    model = _with_trained_norms(get_peft_model(transformers.AutoModelForCausalLM.from_config(config).eval(),
+    model = with_trained_norms(get_peft_model(transformers.AutoModelForCausalLM.from_config(config).eval(),
                                                ZeroQATConfig(w_bits=4, group_size=32, trainable="scales",
                                                              modules_to_save=NORMS)))
     save_gguf(model, tmp_path / "model.gguf", tokenizer, tokenizer_pre="smollm")

@@ -8,7 +8,7 @@ import transformers
 
 from zqat_peft.rotation import random_orthogonal, rotate_model
 
-from .conftest import TINY_CONFIGS, tiny_model
+from .conftest import NORMS, TINY_CONFIGS, tiny_model, with_trained_norms
 
 
 def _with_norm_weights(model):
@@ -212,16 +212,12 @@ def test_trained_norms_of_a_rotated_model_save_reload_and_export_merged(tmp_path
     from zqat_peft.export import save_merged
 
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    model = _hadamard_model(model=tiny_model(), w_bits=4, trainable="scales",
-                            modules_to_save=["input_layernorm", "post_attention_layernorm", "norm"])
-    gen = torch.Generator().manual_seed(1)
+    model = _hadamard_model(model=tiny_model(), w_bits=4, trainable="scales", modules_to_save=NORMS)
     trained = [p for n, p in model.named_parameters() if "modules_to_save" in n]
     assert len(trained) == 5 and all(p.requires_grad for p in trained)  # two blocks' two norms and the final one
     with torch.no_grad():
         untrained = model(input_ids=ids).logits
-        for p in trained:
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-        logits = model(input_ids=ids).logits
+        logits = with_trained_norms(model, spread=0.3)(input_ids=ids).logits
         assert not torch.allclose(logits, untrained, atol=1e-3)
         model.save_pretrained(tmp_path / "adapter")
         loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter")
