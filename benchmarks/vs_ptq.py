@@ -266,15 +266,16 @@ def train_zeroqat(args, setting: str, name: str, calib: list[torch.Tensor], wind
 
 def add_generated_windows_kept(args, fp: nn.Module, tokenizer, recipe: dict, data: dict) -> None:
     """pipeline.add_generated_windows (``train.data`` or ``train.eval_data``: generated), the windows kept under
-    ``--models`` by the model, their number, length and seed: sampling 800 windows of 128 tokens takes 20 minutes
-    of one thread."""
+    ``--models`` by the model, their number, length, seed and temperature: sampling 800 windows of 128 tokens
+    takes 20 minutes of one thread."""
     t = recipe["train"]
     counts = {"train": pipeline.train_windows(t) if t["data"] == GENERATED else 0,
               "validation": t["eval_windows"] if samples_held_out(recipe) else 0}
     splits = [s for s, n in counts.items() if n]
     if not splits:
         return
-    key = f"{args.model} {counts['train']} {counts['validation']} x {t['seq_len']} seed {recipe['seed']}"
+    key = (f"{args.model} {counts['train']} {counts['validation']} x {t['seq_len']} seed {recipe['seed']} "
+           f"temperature {t['sample_temperature']}")
     path = Path(args.models) / "generated" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
         data.update({split: pipeline.TokenWindows(w) for split, w in torch.load(path).items()})

@@ -86,3 +86,21 @@ def test_sampled_windows_never_draw_an_end_of_text_token_of_a_model_that_lists_s
     windows = sampled_windows(model, 64, 8, start_ids=[7], seed=0)
     # a near-uniform tiny model would draw these two about 3.5 times in 448 draws if they were not suppressed
     assert windows.shape == (64, 8) and not torch.isin(windows[:, 1:], torch.tensor([2, 3])).any()
+
+
+def test_sampled_windows_at_a_low_temperature_follow_the_most_likely_tokens():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # margins between the top two tokens far above 1e-3 of a logit
+    cold = sampled_windows(model, 32, 6, start_ids=[7, 9], seed=0, temperature=1e-3)
+    with torch.no_grad():
+        greedy = model.generate(input_ids=cold[:, :1], attention_mask=torch.ones_like(cold[:, :1]), do_sample=False,
+                                max_new_tokens=5, min_new_tokens=5, pad_token_id=model.config.eos_token_id)
+    assert torch.equal(cold, greedy)
+    assert not torch.equal(cold, sampled_windows(model, 32, 6, start_ids=[7, 9], seed=0))  # temperature 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_sampled_windows_refuse_a_temperature_that_is_not_positive(temperature):
+    with pytest.raises(ValueError, match="a temperature above 0"):
+        sampled_windows(tiny_model(), 4, 6, start_ids=[7], seed=0, temperature=temperature)

@@ -729,6 +729,15 @@ def test_a_held_out_check_on_generated_text_samples_only_the_held_out_windows(ti
     assert "held-out check on 3 windows of text sampled from the full-precision model" in report(recipe, {}, {}, "cpu")
 
 
+def test_a_sample_temperature_without_sampled_windows_is_refused():
+    with pytest.raises(RecipeError, match="train.sample_temperature .* neither train.data nor train.eval_data"):
+        load_recipe(None, ["train.sample_temperature=0.8"])
+    with pytest.raises(RecipeError, match="train.sample_temperature"):
+        load_recipe(None, ["train.sample_temperature=0", "train.data=generated", "train.loss=distill"])
+    recipe = load_recipe(None, ["train.sample_temperature=0.8", "train.eval_data=generated", "train.loss=distill"])
+    assert recipe["train"]["sample_temperature"] == 0.8
+
+
 @pytest.mark.parametrize("data", ["[]", "[wiki, 3]", "''"])
 def test_train_data_that_names_no_corpus_is_refused(data):
     with pytest.raises(RecipeError, match="train.data must be a corpus name or a non-empty list"):
@@ -763,6 +772,12 @@ def test_generated_training_data_is_sampled_from_the_full_precision_model(tiny_l
     assert train.shape == (3 * 2, 16) and held_out.shape == (4, 16)
     assert not set(train[:, 0].tolist()) & set(tokenizer.all_special_ids)
     assert not any(torch.equal(w, h) for w in train for h in held_out)  # the held-out windows: another seed
+    cold = {**recipe, "train": {**recipe["train"], "sample_temperature": 0.05}}
+    cold_data = {}
+    pipeline.add_generated_windows(fp_model, tokenizer, cold, cold_data)
+    assert torch.equal(cold_data["train"].windows[:, 0], train[:, 0])  # the same seed: the same first tokens
+    assert not torch.equal(cold_data["train"].windows, train)  # drawn at the recipe's temperature
+    assert "at temperature 0.05" in report(cold, {}, {}, "cpu")
     pipeline.add_teacher(fp_model, recipe, data)
     assert isinstance(data["train"], TeacherWindows)
     history = pipeline.train(model, recipe, data, tmp_path / "trainer", "cpu")

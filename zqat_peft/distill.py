@@ -31,18 +31,19 @@ TOP_K = 32  # SmolLM2-135M puts 84% of its next-token mass on its top 32 tokens 
 
 @torch.no_grad()
 def sampled_windows(model: nn.Module, n: int, seq_len: int, start_ids: Sequence[int], seed: int,
-                    batch_size: int = 32) -> torch.Tensor:
+                    batch_size: int = 32, temperature: float = 1.0) -> torch.Tensor:
     """[n, seq_len] token windows (int64) sampled from ``model``: each starts with a token drawn uniformly from
-    ``start_ids`` and goes on with tokens drawn from the model's full next-token distribution (temperature 1,
-    no top-k or top-p), as LLM-QAT generates its distillation data. End-of-text tokens are not drawn (every
-    window is seq_len long). The same seed and batch_size give the same windows on the same machine and thread
-    count; the global random state is left as it was."""
-    if n < 1 or seq_len < 2 or not start_ids:
-        raise ValueError(f"need n >= 1, seq_len >= 2 and some start tokens; got {n}, {seq_len}, {len(start_ids)}")
+    ``start_ids`` and goes on with tokens drawn from the model's next-token distribution at ``temperature`` (1:
+    the full distribution, as LLM-QAT generates its distillation data; below 1: sharper, more fluent text), no
+    top-k or top-p. End-of-text tokens are not drawn (every window is seq_len long). The same seed and batch_size
+    give the same windows on the same machine and thread count; the global random state is left as it was."""
+    if n < 1 or seq_len < 2 or not start_ids or not temperature > 0:
+        raise ValueError(f"need n >= 1, seq_len >= 2, some start tokens and a temperature above 0; got {n}, "
+                         f"{seq_len}, {len(start_ids)}, {temperature}")
     device = next(model.parameters()).device
     eos = model.config.eos_token_id  # one id, or several (Gemma 3, Llama 3.1 list their turn ends too)
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
-                              min_new_tokens=seq_len - 1, eos_token_id=eos,
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, eos_token_id=eos,
                               pad_token_id=eos[0] if isinstance(eos, list) else eos)
     starts = torch.as_tensor(list(start_ids))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -269,7 +269,8 @@ def add_generated_windows(fp_model, tokenizer, recipe: dict, data: dict) -> None
     starts = sorted(set(range(len(tokenizer))) - set(tokenizer.all_special_ids))
 
     def sample(n: int, seed: int) -> TokenWindows:
-        return TokenWindows(distill.sampled_windows(fp_model, n, t["seq_len"], starts, seed))
+        return TokenWindows(distill.sampled_windows(fp_model, n, t["seq_len"], starts, seed,
+                                                    temperature=t["sample_temperature"]))
 
     if train:
         data["train"] = sample(train_windows(t), recipe["seed"])

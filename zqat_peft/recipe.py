@@ -124,6 +124,7 @@ RANGES: dict[str, Range] = {
     "train.max_windows": _count(nullable=True),
     "train.eval_steps": _count(nullable=True),
     "train.eval_windows": _count(),
+    "train.sample_temperature": POSITIVE,
     "eval.seq_len": _count(low=2),
     "eval.max_windows": _count(nullable=True),
     "eval.batch_size": _count(),
@@ -168,6 +169,8 @@ def default_recipe() -> dict:
             # each), so that a gain is less a fit to one corpus; or "generated": windows sampled from the
             # full-precision model itself, seeded by `seed` (distillation only: zqat_peft.distill.sampled_windows)
             "data": "wiki", "seq_len": 256, "batch_size": 8, "steps": 200, "num_queries": 1,
+            # the temperature of "generated" windows (training and held-out): 1 draws from the full distribution
+            "sample_temperature": 1.0,
             # null: the step's default (relative: lr 1e-3 and eps 5e-3 of each tensor's RMS; absolute: no default
             # lr, which depends on the model, and MeZO's eps 1e-3)
             "lr": None, "eps": None,
@@ -323,6 +326,10 @@ def check_recipe(recipe: dict) -> None:
         raise RecipeError(f"train.eval_data: {GENERATED} checks on text sampled from the full-precision model and "
                           f"needs train.loss: distill, alone, not with corpora; got train.eval_data "
                           f"{t['eval_data']!r} with train.loss {t['loss']!r}")
+    if t["sample_temperature"] != 1 and GENERATED not in corpora + held_out:
+        raise RecipeError(f"train.sample_temperature ({t['sample_temperature']}) sets how {GENERATED} windows are "
+                          f"sampled, and neither train.data nor train.eval_data is {GENERATED}: remove it, or set "
+                          f"one of them to {GENERATED}")
     if t["step"] not in ZO_STEPS:
         raise RecipeError(f"train.step must be one of {ZO_STEPS}, got {t['step']!r}")
     if t["estimator"] not in ZO_ESTIMATORS:

@@ -65,13 +65,18 @@ def outcome_lines(metrics: dict) -> str:
     return "".join("\n" + line for line in lines)
 
 
+def sampled_text(train: dict) -> str:
+    temperature = train["sample_temperature"]
+    return "text sampled from the full-precision model" + (f" at temperature {temperature}" if temperature != 1 else "")
+
+
 def held_out_check(recipe: dict) -> str:
     """The sentence on the held-out check that chose the kept checkpoint, for language modelling with one."""
     t = recipe["train"]
     if recipe["task"] is not None or not t["eval_steps"]:
         return ""
     held_out = held_out_corpora(recipe)
-    text = "text sampled from the full-precision model" if held_out == [GENERATED] else (
+    text = sampled_text(t) if held_out == [GENERATED] else (
         f"the validation split of {' and '.join(held_out)}")
     return (f"\nEvery {t['eval_steps']} steps a held-out check on {t['eval_windows']} windows of {text}; the "
             "best model, the start included, is kept.")
@@ -84,7 +89,7 @@ def report(recipe: dict, metrics: dict, timings: dict, device: str) -> str:
     if recipe["task"] is None:
         text = " and ".join(train_corpora(recipe))
         if t["data"] == GENERATED:
-            text = "text sampled from the full-precision model"
+            text = sampled_text(t)
         steps += f" x {t['seq_len']} tokens of {text}"
         if t["loss"] == "distill":
             steps += f" (loss: KL to the full-precision model's top-{TOP_K} next tokens)"
