@@ -106,6 +106,7 @@ OUT_OF_RANGE = {
     "train.max_windows": (0, "an integer >= 1 or null"),
     "train.eval_steps": (0, "an integer >= 1 or null"),
     "train.eval_windows": (0, "an integer >= 1"),
+    "train.sample_temperature": (0, "a number > 0"),
     "eval.seq_len": (1, "an integer >= 2"),
     "eval.max_windows": (0, "an integer >= 1 or null"),
     "eval.batch_size": (0, "an integer >= 1"),
