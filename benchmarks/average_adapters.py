@@ -2,8 +2,9 @@
 of a ZO training's result is its random directions' noise.
 
 Two ZO trainings from the same saved init, with different seeds, share the gradient's signal and differ in their
-noise; their average keeps the signal and halves the noise's variance, as averaging two directions a step
-(``train.num_queries: 2``) does within one training at the same number of forwards. Only the floating-point
+noise (and, where the seed draws the training text, in their samples); to first order their average keeps the signal
+and halves the noise's variance, as averaging two directions a step (``train.num_queries: 2``) does within one
+training at the same number of forwards (benchmarks/RESULTS.md measures both at W4A4). Only the floating-point
 tensors (scales, clipping ratios, norm weights, master weights) are averaged; the packed integer codes must be
 equal in every adapter (the same init, trained without the codes moving), and the adapters' configs equal.
 Evaluate the result with benchmarks/kl_by_position.py or zqat_peft's own evaluation like any saved adapter.
