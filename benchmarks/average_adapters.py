@@ -15,12 +15,13 @@ Evaluate the result with benchmarks/kl_by_position.py or zqat_peft's own evaluat
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from zqat_peft.recipe import check_adapter_folder
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -60,7 +61,7 @@ def main() -> None:
     folders = [Path(a) for a in args.adapter]
     if len(folders) < 2:
         raise SystemExit("give at least two --adapter folders to average")
-    configs = [comparable(json.loads((f / CONFIG).read_text())) for f in folders]
+    configs = [comparable(check_adapter_folder(f)) for f in folders]  # each folder whole and of ZeroQAT's type
     if any(c != configs[0] for c in configs[1:]):
         raise SystemExit(f"the adapters' {CONFIG} differ: average only adapters of one configuration")
     averaged = average_state([load_file(f / WEIGHTS) for f in folders])

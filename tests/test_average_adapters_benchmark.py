@@ -69,3 +69,12 @@ def test_adapters_of_different_configs_are_refused(tmp_path):
                           str(tmp_path / "b"), "--out", str(tmp_path / "ab")], capture_output=True, text=True)
     assert run.returncode != 0 and "adapter_config.json differ" in run.stderr
     assert not (tmp_path / "ab").exists()
+
+
+def test_an_incomplete_adapter_folder_is_refused_before_anything_is_written(tmp_path):
+    _saved_scales_adapter(tmp_path / "a", 1.0)
+    (tmp_path / "b").mkdir()
+    run = subprocess.run([sys.executable, str(SCRIPT), "--adapter", str(tmp_path / "a"), "--adapter",
+                          str(tmp_path / "b"), "--out", str(tmp_path / "ab")], capture_output=True, text=True)
+    assert run.returncode != 0 and "adapter_config.json does not exist" in run.stderr
+    assert not (tmp_path / "ab").exists()
